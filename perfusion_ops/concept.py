@@ -1,0 +1,139 @@
+"""A trained Perfusion concept in memory, and the checks that make a bad one fail with a readable message."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# Text encoders the format knows, by the width of the encodings they feed cross-attention.
+TEXT_ENCODERS = {"clip-l": 768, "open-clip-h": 1024, "clip-g": 1280}
+FAMILY_OF_WIDTH = {768: "SD1.x (CLIP-L)", 1024: "SD2.x (OpenCLIP-H)", 1280: "SDXL (CLIP-G)"}
+LAYER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+
+class ConceptError(ValueError):
+    """A concept that cannot be used; the message says why in words a user understands."""
+
+
+@dataclass
+class Concept:
+    """Everything one Perfusion concept needs at inference, and its recommended settings.
+
+    ``target_input`` is ``i`` (the EMA of the trigger's encodings, Sec. 4.4), ``target_key`` is ``q = C⁻¹ i``
+    (stored so inference needs no C), ``superclass_encoding`` is ``e_sup`` (key locking recomputes
+    ``o_K = W_K e_sup`` from the host's weights), ``value_outputs`` the learned ``o_V`` per cross-attention
+    layer, ``key_outputs`` the ``o_K`` of a trained-K concept (paper's ablation, Fig. 9b) or None.
+    """
+
+    trigger: str
+    superclass: str
+    embedding: Tensor  # (N, T) learned token embedding(s) of the trigger word
+    target_input: Tensor  # i, (D,)
+    target_key: Tensor  # q = C⁻¹ i, (D,)
+    superclass_encoding: Tensor  # e_sup, (D,)
+    value_outputs: dict[str, Tensor]  # layer name -> o_V, (out,)
+    key_outputs: dict[str, Tensor] | None = None  # trained-K only
+    train_beta: float = 0.75
+    train_tau: float = 0.1
+    beta_local: float = 0.7
+    tau_local: float = 0.15
+    beta_global: float = 0.5
+    tau_global: float = 0.15
+    text_encoder: str = "clip-l"
+    encoder_fingerprint: str = ""
+    model_family: str = "sd15"
+    clip_layer: int = -1
+    info: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        """``D``, the width of the text encodings this concept lives in."""
+        return self.target_input.shape[-1]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.value_outputs)
+
+    @property
+    def trained_keys(self) -> bool:
+        return self.key_outputs is not None
+
+    def recommended(self, lock: str) -> tuple[float, float]:
+        """Recommended inference ``(β, τ)`` for ``lock`` 'local' or 'global' (paper Sec. 4.4: τ 0.15,
+        β 0.6–0.75 local, 0.4–0.6 global)."""
+        return (self.beta_global, self.tau_global) if lock == "global" else (self.beta_local, self.tau_local)
+
+    def validate(self) -> "Concept":
+        """Raise :class:`ConceptError` unless every field is present, finite and of consistent shape."""
+        for name in ("trigger", "superclass"):
+            word = getattr(self, name)
+            if not isinstance(word, str) or not word.strip():
+                raise ConceptError(f"the concept has an empty {name} word")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ConceptError(f"unknown text encoder '{self.text_encoder}' (known: {', '.join(TEXT_ENCODERS)})")
+        width = TEXT_ENCODERS[self.text_encoder]
+        for name in ("target_input", "target_key", "superclass_encoding"):
+            _check_tensor(getattr(self, name), name, (width,))
+        if self.embedding.ndim != 2 or self.embedding.shape[0] < 1:
+            raise ConceptError(f"embedding must have shape (vectors, width), got {tuple(self.embedding.shape)}")
+        _check_tensor(self.embedding, "embedding", tuple(self.embedding.shape))
+        if float(self.target_input @ self.target_key) <= 0:
+            raise ConceptError("target input and key are inconsistent (i·C⁻¹i must be positive)")
+        if not self.value_outputs:
+            raise ConceptError("the concept has no value outputs (o_V) for any layer")
+        for outputs, path in ((self.value_outputs, "o_v"), (self.key_outputs or {}, "o_k")):
+            for layer, tensor in outputs.items():
+                if not LAYER_NAME.match(layer):
+                    raise ConceptError(f"bad layer name '{layer}'")
+                _check_tensor(tensor, f"{path}.{layer}", (-1,))
+        if self.key_outputs is not None and set(self.key_outputs) != set(self.value_outputs):
+            raise ConceptError("trained-K concept: key and value outputs cover different layers")
+        for kind in ("train", "local", "global"):
+            beta, tau = (self.train_beta, self.train_tau) if kind == "train" else self.recommended(kind)
+            check_gate(beta, tau, what=f"{kind} gate")
+        return self
+
+    def check_width(self, width: int) -> None:
+        """Refuse a concept made for a text encoder of another width than the host's ``width``."""
+        if self.width != width:
+            raise ConceptError(
+                f"concept '{self.trigger}' was made for {FAMILY_OF_WIDTH.get(self.width, f'{self.width}-wide')} "
+                f"text encodings, but this model's text encoder gives {FAMILY_OF_WIDTH.get(width, f'{width}-wide')}; "
+                "use it with a checkpoint of the family it was trained on"
+            )
+
+    def check_layers(self, layer_widths: dict[str, int]) -> None:
+        """Refuse a concept whose layers or output widths do not match the host's cross-attention layers."""
+        missing = [layer for layer in self.value_outputs if layer not in layer_widths]
+        if missing:
+            raise ConceptError(
+                f"concept '{self.trigger}' edits {len(self.value_outputs)} cross-attention layers, "
+                f"{len(missing)} of which this model lacks (e.g. '{missing[0]}'): it was trained for another "
+                f"model family ({self.model_family})"
+            )
+        for layer, tensor in self.value_outputs.items():
+            if tensor.shape[0] != layer_widths[layer]:
+                raise ConceptError(
+                    f"layer '{layer}' is {layer_widths[layer]} wide in this model but {tensor.shape[0]} in concept "
+                    f"'{self.trigger}': it was trained for another model family ({self.model_family})"
+                )
+
+
+def check_gate(beta: float, tau: float, what: str = "gate") -> None:
+    """Refuse absurd gate settings: β must be finite and in [-1, 2] (s(i) = 1), τ in (0, 10]."""
+    if not (math.isfinite(beta) and -1.0 <= beta <= 2.0):
+        raise ConceptError(f"{what}: β = {beta} is outside [-1, 2] (the similarity of the concept to itself is 1)")
+    if not (math.isfinite(tau) and 0.0 < tau <= 10.0):
+        raise ConceptError(f"{what}: τ = {tau} must be in (0, 10]; τ = 0 would make the gate a hard step")
+
+
+def _check_tensor(tensor: Tensor, name: str, shape: tuple[int, ...]) -> None:
+    if not isinstance(tensor, Tensor):
+        raise ConceptError(f"'{name}' is missing or not a tensor")
+    if tensor.ndim != len(shape) or any(want != -1 and have != want for have, want in zip(tensor.shape, shape)):
+        raise ConceptError(f"'{name}' has shape {tuple(tensor.shape)}, expected {shape}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ConceptError(f"'{name}' contains NaN or infinite values (a diverged training run?)")

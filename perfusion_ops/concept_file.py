@@ -1,0 +1,148 @@
+"""The concept file: one small safetensors file (never pickle), written atomically, validated on load.
+
+Tensors (fp16 by default): ``embedding`` (N, T), ``i``, ``q``, ``e_sup`` (D,), ``o_v.<layer>`` (out,) per
+cross-attention layer, and ``o_k.<layer>`` for trained-K concepts. Layer names are the diffusion model's module
+paths (``input_blocks.1.1.transformer_blocks.0.attn2``), the same in ComfyUI and the webui's ldm.
+Scalars and words live in the safetensors metadata (string → string).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .concept import Concept, ConceptError
+from .files import atomic_write_bytes
+
+FORMAT = "perfusion-concept"
+FORMAT_VERSION = 1
+MAX_FILE_BYTES = 16 * 2**20  # a concept is tens of KB; refuse to read a checkpoint or LoRA picked by mistake
+_FLOATS = ("train_beta", "train_tau", "beta_local", "tau_local", "beta_global", "tau_global")
+_WORDS = ("trigger", "superclass", "text_encoder", "encoder_fingerprint", "model_family")
+
+
+def concept_to_bytes(concept: Concept, dtype: torch.dtype = torch.float16) -> bytes:
+    """Serialise a validated concept to safetensors bytes (tensors cast to ``dtype``)."""
+    concept.validate()
+    tensors = {
+        "embedding": concept.embedding,
+        "i": concept.target_input,
+        "q": concept.target_key,
+        "e_sup": concept.superclass_encoding,
+        **{f"o_v.{layer}": t for layer, t in concept.value_outputs.items()},
+        **{f"o_k.{layer}": t for layer, t in (concept.key_outputs or {}).items()},
+    }
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "clip_layer": str(concept.clip_layer),
+                "layers": json.dumps(concept.layers)}  # safetensors sorts tensor names; keep the UNet order
+    metadata |= {name: str(getattr(concept, name)) for name in _FLOATS + _WORDS}
+    metadata |= {f"info.{key}": str(value) for key, value in concept.info.items()}
+    return st_save(tensors, metadata=metadata)
+
+
+def save_concept(concept: Concept, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``concept`` to ``path`` atomically (an interrupted save leaves any earlier file intact)."""
+    return atomic_write_bytes(path, concept_to_bytes(concept, dtype))
+
+
+def load_concept(path: str | os.PathLike, expected_width: int | None = None) -> Concept:
+    """Read and validate a concept file; every failure is a :class:`ConceptError` naming the file.
+
+    Tensors come back as float32. ``expected_width`` refuses a concept made for another text-encoder width."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise ConceptError(f"concept file '{path}' does not exist")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ConceptError(f"'{name}' is {size / 2**20:.0f} MB: too large for a Perfusion concept (a checkpoint or LoRA?)")
+    concept = concept_from_bytes(path.read_bytes(), name)
+    if expected_width is not None:
+        concept.check_width(expected_width)
+    return concept
+
+
+def concept_from_bytes(data: bytes, name: str = "concept") -> Concept:
+    """Parse safetensors bytes into a validated :class:`Concept` (see :func:`load_concept`)."""
+    tensors, metadata = _read_safetensors(data, name)
+    if metadata.get("format") != FORMAT:
+        raise ConceptError(
+            f"'{name}' is a safetensors file but not a Perfusion concept (no format '{FORMAT}' in its metadata); "
+            "LoRAs and embeddings go in their own loaders"
+        )
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise ConceptError(f"'{name}' has an unreadable format version") from None
+    if version > FORMAT_VERSION:
+        raise ConceptError(
+            f"'{name}' was written by a newer comfyui-perfusion (format v{version}; this one reads up to "
+            f"v{FORMAT_VERSION}): update the node pack"
+        )
+    missing = [key for key in _FLOATS + _WORDS if key not in metadata]
+    missing += [key for key in ("embedding", "i", "q", "e_sup") if key not in tensors]
+    if missing:
+        raise ConceptError(f"'{name}' is missing fields: {', '.join(missing)}")
+    try:
+        scalars = {key: float(metadata[key]) for key in _FLOATS}
+        clip_layer = int(metadata.get("clip_layer", "-1"))
+    except ValueError as err:
+        raise ConceptError(f"'{name}' has an unreadable setting: {err}") from None
+    outputs = {prefix: {k[len(prefix) + 1 :]: t for k, t in tensors.items() if k.startswith(prefix + ".")}
+               for prefix in ("o_v", "o_k")}
+    try:
+        order = json.loads(metadata.get("layers", "[]")) or sorted(outputs["o_v"])
+        if sorted(order) != sorted(outputs["o_v"]):
+            raise ValueError("the layer list does not match the o_v tensors")
+    except (ValueError, TypeError) as err:
+        raise ConceptError(f"'{name}' has an inconsistent layer list: {err}") from None
+    outputs["o_v"] = {layer: outputs["o_v"][layer] for layer in order}
+    concept = Concept(
+        embedding=tensors["embedding"],
+        target_input=tensors["i"],
+        target_key=tensors["q"],
+        superclass_encoding=tensors["e_sup"],
+        value_outputs=outputs["o_v"],
+        key_outputs=outputs["o_k"] or None,
+        clip_layer=clip_layer,
+        info={k[5:]: v for k, v in metadata.items() if k.startswith("info.")},
+        **{key: metadata[key] for key in _WORDS},
+        **scalars,
+    )
+    try:
+        return concept.validate()
+    except ConceptError as err:
+        raise ConceptError(f"'{name}': {err}") from None
+
+
+def export_embedding(concept: Concept, path: str | os.PathLike) -> Path:
+    """Write the learned trigger embedding as a standard textual-inversion file (``emb_params``, (N, T)).
+
+    ComfyUI (``embedding:<name>``) and the webui read this format; it carries no rank-1 edit."""
+    tensors = {"emb_params": concept.embedding.detach().to("cpu", torch.float32).contiguous()}
+    metadata = {"trigger": concept.trigger, "superclass": concept.superclass, "source": FORMAT}
+    return atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+
+
+def _read_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
+        raise ConceptError(
+            f"'{name}' is a PyTorch pickle (.pt/.ckpt/.bin); concepts are read from safetensors only, "
+            "because loading a pickle can run arbitrary code"
+        )
+    if len(data) < 10:
+        raise ConceptError(f"'{name}' is empty or truncated ({len(data)} bytes)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise ConceptError(f"'{name}' is truncated or not a safetensors file (its header runs past the end)")
+    try:
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise ConceptError(f"'{name}' is corrupt or not a safetensors file ({err})") from None
+    return {key: t.float() for key, t in tensors.items()}, metadata

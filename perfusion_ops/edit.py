@@ -1,0 +1,81 @@
+"""The joint edit of several applied concepts (Eq. 4) over every cross-attention layer they carry.
+
+Hosts (ComfyUI nodes, webui hooks, training) only supply a callable ``W·`` per layer and path; this module
+decides what each projection outputs. Key locking (Sec. 4.4): the K target output ``o_K = W_K e_sup`` comes
+from the host's *current* ``W_K``, so a concept trained on one checkpoint follows another's keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .concept import Concept, ConceptError, check_gate
+from .projection import EditedProjection, Projection, SharedContext
+from .stack import ConceptStack
+
+LOCKS = ("local", "trained-k")  # global key lock is local lock plus a superclass K context (App. C)
+
+
+@dataclass(frozen=True)
+class AppliedConcept:
+    """One concept as the user applied it: its gate (β, τ) and how its K pathway is set."""
+
+    concept: Concept
+    beta: float
+    tau: float
+    lock: str = "local"
+
+    def __post_init__(self):
+        check_gate(self.beta, self.tau, what=f"concept '{self.concept.trigger}'")
+        if self.lock not in LOCKS:
+            raise ConceptError(f"unknown lock mode '{self.lock}' (choose {' or '.join(LOCKS)})")
+        if self.lock == "trained-k" and not self.concept.trained_keys:
+            raise ConceptError(
+                f"concept '{self.concept.trigger}' was trained key-locked and has no trained K outputs; "
+                "use lock mode 'local'"
+            )
+
+
+class JointEdit:
+    """Eq. 4 for J applied concepts: one :class:`SharedContext`, one :class:`EditedProjection` per layer/path."""
+
+    def __init__(self, applied: list[AppliedConcept], gated: bool = True):
+        if not applied:
+            raise ValueError("a joint edit needs at least one concept")
+        layers = applied[0].concept.layers
+        for entry in applied[1:]:
+            if set(entry.concept.layers) != set(layers):
+                raise ConceptError(
+                    f"concepts '{applied[0].concept.trigger}' and '{entry.concept.trigger}' edit different "
+                    "layers: they were trained for different model families"
+                )
+        self.applied, self.layers = list(applied), layers
+        concepts = [entry.concept for entry in applied]
+        stack = ConceptStack(
+            torch.stack([c.target_input for c in concepts]),
+            torch.stack([c.target_key for c in concepts]),
+            torch.tensor([entry.beta for entry in applied]),
+            torch.tensor([entry.tau for entry in applied]),
+            gated=gated,
+        )
+        self.shared = SharedContext(stack, torch.stack([c.superclass_encoding for c in concepts]))
+        self.locked = torch.tensor([entry.lock == "local" for entry in applied])
+
+    def targets(self, layer: str, path: str) -> torch.Tensor:
+        """Stored target outputs ``(J, out)`` of ``layer`` for ``path`` 'k' or 'v' (zeros where K is locked)."""
+        rows = []
+        for entry in self.applied:
+            c = entry.concept
+            if path == "v":
+                rows.append(c.value_outputs[layer])
+            elif entry.lock == "trained-k":
+                rows.append(c.key_outputs[layer])
+            else:
+                rows.append(torch.zeros_like(c.value_outputs[layer]))
+        return torch.stack(rows)
+
+    def projection(self, layer: str, path: str, project: Projection) -> EditedProjection:
+        """The edited forward of ``layer``'s ``to_k`` (``path='k'``) or ``to_v`` (``'v'``) around ``project``."""
+        locked = self.locked if path == "k" else None
+        return EditedProjection(project, self.shared, self.targets(layer, path), locked)

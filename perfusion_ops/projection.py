@@ -1,0 +1,98 @@
+"""Eq. 4 on a host projection: ``h = W e⊥ + Σ_j g_j(e) o_j``, with ``W e⊥`` computed by the host's own module.
+
+One UNet forward feeds the same context to all 32 cross-attention K/V projections, so ``e⊥`` and the gates are
+computed once per context (:class:`SharedContext`) and every projection only adds one thin ``addmm``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .stack import ConceptStack
+
+Projection = Callable[[Tensor], Tensor]
+
+
+class Prepared(NamedTuple):
+    rows: Tensor  # (n + J, D) host dtype: the n remainders e⊥, then the J superclass encodings e_sup
+    gates: Tensor  # (n, J) float32
+    count: int  # n, the number of token encodings in the context
+
+
+class SharedContext:
+    """Per-context work shared by all projections of one edit: ``e⊥`` rows, ``e_sup`` rows and gates.
+
+    The ``e_sup`` rows ride along in the host call so that a key-locked projection gets ``o_K = W_K e_sup``
+    (Sec. 4.4) from the host's *current* weights — LoRA patches and fine-tunes included — at no extra call.
+    Entries are keyed on the context tensor itself (a strong reference, so its ``id`` cannot be reused);
+    a few slots cover CFG runs that send cond and uncond separately.
+    """
+
+    def __init__(self, stack: ConceptStack, superclass_encodings: Tensor, slots: int = 4):
+        if superclass_encodings.shape != stack.inputs.shape:
+            raise ValueError("need one superclass encoding per concept, of the text width")
+        self.stack = stack
+        self.anchors = superclass_encodings.detach().float()
+        self.slots = slots
+        self._cache: OrderedDict[int, tuple[Tensor, Prepared]] = OrderedDict()
+
+    def prepare(self, context: Tensor) -> Prepared:
+        """``e⊥`` (Eq. 10) and gates (Eq. 3) of every token of ``context`` ``(..., D)``, computed once per context."""
+        hit = self._cache.get(id(context))
+        if hit is not None and hit[0] is context:
+            return hit[1]
+        e_perp, gates = self.stack.split(context)
+        flat = e_perp.reshape(-1, e_perp.shape[-1])
+        rows = torch.cat([flat, self.anchors.to(flat.device)]).to(context.dtype)
+        prepared = Prepared(rows, gates.reshape(flat.shape[0], -1), flat.shape[0])
+        self._cache[id(context)] = (context, prepared)
+        while len(self._cache) > self.slots:
+            self._cache.popitem(last=False)
+        return prepared
+
+    def clear(self) -> None:
+        """Drop cached contexts (training calls this each step so no autograd graph outlives its step)."""
+        self._cache.clear()
+
+
+class EditedProjection:
+    """One edited K or V projection: a drop-in for the host module's ``forward``.
+
+    ``outputs`` (J, out) are the target outputs ``o_j`` of this layer and path. Where ``locked[j]`` is true,
+    ``o_j`` is instead ``W e_sup,j`` from the host call (key locking); those rows of ``outputs`` are ignored.
+    """
+
+    def __init__(self, project: Projection, shared: SharedContext, outputs: Tensor, locked: Tensor | None = None):
+        if outputs.ndim != 2 or outputs.shape[0] != len(shared.stack):
+            raise ValueError(f"outputs must be (J={len(shared.stack)}, out), got {tuple(outputs.shape)}")
+        self.project, self.shared = project, shared
+        self.outputs = outputs.float()
+        self.locked = None if locked is None or not bool(locked.any()) else locked.bool().reshape(-1, 1)
+        self._device_copies: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        if self.outputs.requires_grad:  # trainable o_V: never cache a copy across autograd steps
+            return self.outputs, self.locked
+        if device not in self._device_copies:
+            locked = None if self.locked is None else self.locked.to(device)
+            self._device_copies[device] = (self.outputs.to(device), locked)
+        return self._device_copies[device]
+
+    def target_outputs(self, anchor_outputs: Tensor) -> Tensor:
+        """``o_j`` per concept, float32 ``(J, out)``: locked rows from ``W e_sup``, others as stored."""
+        stored, locked = self._on(anchor_outputs.device)
+        if locked is None:
+            return stored
+        return torch.where(locked, anchor_outputs.float(), stored)
+
+    def __call__(self, context: Tensor) -> Tensor:
+        prepared = self.shared.prepare(context)
+        projected = self.project(prepared.rows)
+        n = prepared.count
+        targets = self.target_outputs(projected[n:])
+        h = torch.addmm(projected[:n].float(), prepared.gates, targets)
+        return h.to(projected.dtype).reshape(*context.shape[:-1], -1)
+

@@ -1,0 +1,77 @@
+"""The e-independent half of Perfusion's gated rank-1 edit, for J concepts at once.
+
+Notation (paper, Sec. 4 and App. B): ``e`` is a text encoding (what the host feeds ``to_k``/``to_v``),
+``i_j`` the target input of concept j, ``q_j = C⁻¹ i_j`` its key in the C⁻¹ metric, ``β_j``/``τ_j`` its gate.
+Everything here works on row vectors: ``e`` has shape ``(..., D)``, ``I`` and ``Q`` are ``(J, D)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def similarity(e: Tensor, inputs: Tensor, keys: Tensor) -> Tensor:
+    """Normalised metric similarity ``s_j(e) = (e·q_j) / (i_j·q_j)`` (Eq. 2–3), shape ``(..., J)``.
+
+    ``s_j(i_j) = 1``; it is the linear gate of ROME's closed form (Eq. 1, App. A)."""
+    energy = (inputs * keys).sum(-1)
+    return (e @ keys.T) / energy
+
+
+def gate(s: Tensor, beta: Tensor, tau: Tensor) -> Tensor:
+    """Sigmoid gate ``g = σ((s − β) / τ)`` of Eq. 3, per concept (``beta``/``tau`` broadcast over J)."""
+    return torch.sigmoid((s - beta) / tau)
+
+
+class ConceptStack:
+    """``I``, ``Q``, ``β``, ``τ`` of J concepts and the factor of their coupling matrix, computed once.
+
+    The metric-orthogonal remainder of Eq. 10 is ``e⊥ = e − Iᵀ c`` with ``c`` chosen so that every
+    ``q_j·e⊥ = 0``: ``c = M⁻¹ Q e`` with ``M = Q Iᵀ`` (``M_ab = q_a·i_b``; the Gram matrix ``G = I C⁻¹ Iᵀ``
+    when all concepts share one C). In row form ``e⊥ = e − (e Qᵀ) R`` with ``R = M⁻ᵀ I``, so a call costs two
+    thin matmuls. Solving with ``M`` itself (not a symmetrised G) keeps ``e⊥`` exactly orthogonal to every
+    ``q_j`` even for concepts whose C estimates differ slightly. For J = 1, ``R = i / (i·q)``: Eq. 3's ``e⊥``.
+    ``gated=False`` replaces the sigmoid by the linear ``s`` (Eq. 2, ROME's closed form).
+    """
+
+    def __init__(self, inputs: Tensor, keys: Tensor, beta, tau, gated: bool = True):
+        inputs, keys = inputs.detach().float(), keys.detach().float()
+        if inputs.ndim != 2 or inputs.shape != keys.shape:
+            raise ValueError(f"target inputs {tuple(inputs.shape)} and keys {tuple(keys.shape)} must both be (J, D)")
+        beta = torch.as_tensor(beta, dtype=torch.float32).reshape(-1).expand(inputs.shape[0]).clone()
+        tau = torch.as_tensor(tau, dtype=torch.float32).reshape(-1).expand(inputs.shape[0]).clone()
+        if not bool(torch.all(tau > 0)):
+            raise ValueError(f"gate temperature τ must be > 0, got {tau.tolist()}")
+        coupling = keys.double() @ inputs.double().T  # M_ab = q_a·i_b, J×J
+        try:
+            basis = torch.linalg.solve(coupling.T, inputs.double())
+        except RuntimeError as err:  # singular M: two concepts with the same target input
+            raise ValueError("concepts have linearly dependent target inputs; combine distinct concepts") from err
+        self.inputs, self.keys, self.beta, self.tau, self.gated = inputs, keys, beta, tau, gated
+        self.energy = torch.diagonal(coupling).float()  # ||i_j||²_{C⁻¹}
+        self.basis = basis.float()  # R = M⁻ᵀ I
+        self._device_copies: dict[torch.device, tuple[Tensor, ...]] = {}
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def tensors_on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(Q, energy, β, τ, R)`` on ``device``; copied once per device, as the host may move the model."""
+        if device not in self._device_copies:
+            self._device_copies[device] = tuple(
+                t.to(device) for t in (self.keys, self.energy, self.beta, self.tau, self.basis)
+            )
+        return self._device_copies[device]
+
+    def split(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        """``(e⊥, g)`` in float32: the remainder of Eq. 10 and the gates of Eq. 3, for any ``(..., D)``."""
+        keys, energy, beta, tau, basis = self.tensors_on(e.device)
+        e = e.float()
+        projections = e @ keys.T  # e·q_j
+        s = projections / energy
+        gates = gate(s, beta, tau) if self.gated else s
+        return e - projections @ basis, gates
+
+    def remainder(self, e: Tensor) -> Tensor:
+        """``e⊥`` of Eq. 10: ``e`` less its component in span{i_j}, orthogonal to every i_j in the C⁻¹ metric."""
+        return self.split(e)[0]

@@ -1,0 +1,165 @@
+"""Concept files: exact fp16 round trip, size at SD1.5 dimensions, atomic saves, and a clear error per bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import REPO, random_concept
+from perfusion_ops import ConceptError, export_embedding, load_concept, save_concept
+from perfusion_ops.concept_file import concept_to_bytes
+from perfusion_ops.files import safe_file_name
+
+
+@pytest.fixture
+def concept():
+    return random_concept(seed=3)
+
+
+def fp16(t):
+    return t.half().float()
+
+
+@pytest.mark.parametrize("trained_k", [False, True])
+def test_round_trip_is_exact_to_fp16_and_small(tmp_path, trained_k):
+    concept = random_concept(seed=1, trained_k=trained_k)
+    path = save_concept(concept, tmp_path / "hugsy.safetensors")
+    assert path.stat().st_size < 64 * 1024
+    back = load_concept(path)
+    for name in ("embedding", "target_input", "target_key", "superclass_encoding"):
+        assert torch.equal(getattr(back, name), fp16(getattr(concept, name)))
+    assert back.layers == concept.layers and len(back.layers) == 16
+    for layer in concept.layers:
+        assert torch.equal(back.value_outputs[layer], fp16(concept.value_outputs[layer]))
+        if trained_k:
+            assert torch.equal(back.key_outputs[layer], fp16(concept.key_outputs[layer]))
+    assert back.trained_keys == trained_k
+    for field in ("trigger", "superclass", "train_beta", "train_tau", "beta_local", "tau_local", "beta_global",
+                  "tau_global", "text_encoder", "encoder_fingerprint", "model_family", "clip_layer", "info"):
+        assert getattr(back, field) == getattr(concept, field)
+
+
+def corrupt(tmp_path, concept, edit):
+    """Save ``concept``, then rewrite its tensors/metadata with ``edit(tensors, metadata)``."""
+    path = save_concept(concept, tmp_path / "c.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    edit(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t, m: t.update(i=torch.zeros(767, dtype=torch.float16)), r"'target_input' has shape \(767,\)"),
+        (lambda t, m: t.pop("q"), "missing fields: q"),
+        (lambda t, m: m.pop("trigger"), "missing fields: trigger"),
+        (lambda t, m: t["o_v.middle_block.1.transformer_blocks.0.attn2"].__setitem__(5, float("nan")), "NaN"),
+        (lambda t, m: m.update(format_version="2"), "newer comfyui-perfusion"),
+        (lambda t, m: m.update(format="lora"), "not a Perfusion concept"),
+        (lambda t, m: m.update(tau_local="0"), "τ = 0.0"),
+        (lambda t, m: m.update(beta_local="nan"), "β = nan"),
+        (lambda t, m: (t.update({"o_v.bad name": torch.zeros(3, dtype=torch.float16)}),
+                       m.update(layers=json.dumps(json.loads(m["layers"]) + ["bad name"]))), "bad layer name"),
+        (lambda t, m: t.pop("o_v.input_blocks.1.1.transformer_blocks.0.attn2"), "inconsistent layer list"),
+    ],
+)
+def test_bad_fields_give_clear_errors(tmp_path, concept, edit, message):
+    path = corrupt(tmp_path, concept, edit)
+    with pytest.raises(ConceptError, match=message):
+        load_concept(path)
+
+
+def test_broken_files_give_clear_errors(tmp_path, concept):
+    good = save_concept(concept, tmp_path / "good.safetensors").read_bytes()
+    cases = {
+        "truncated.safetensors": (good[: len(good) // 2], "truncated|corrupt"),
+        "empty.safetensors": (b"", "empty or truncated"),
+        "text.safetensors": (b"this is not a concept file at all\n" * 10, "truncated or not a safetensors"),
+        "garbage.safetensors": (b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"{nope}" + b" " * 20, "corrupt"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConceptError, match=message):
+            load_concept(tmp_path / name)
+    torch.save({"i": concept.target_input}, tmp_path / "pickle.pt")
+    with pytest.raises(ConceptError, match="pickle"):
+        load_concept(tmp_path / "pickle.pt")
+    with pytest.raises(ConceptError, match="does not exist"):
+        load_concept(tmp_path / "missing.safetensors")
+
+
+def test_concept_for_another_text_encoder_width_is_refused(tmp_path):
+    wide = random_concept(width=1024, layers={"input_blocks.1.1.transformer_blocks.0.attn2": 320})
+    path = save_concept(wide, tmp_path / "sd2.safetensors")
+    assert load_concept(path).width == 1024
+    with pytest.raises(ConceptError, match="SD2.x .* but this model's text encoder gives SD1.x"):
+        load_concept(path, expected_width=768)
+
+
+def test_save_is_atomic_and_never_destroys_the_earlier_file(tmp_path, concept, monkeypatch):
+    path = save_concept(concept, tmp_path / "hugsy.safetensors")
+    before = path.read_bytes()
+    other = random_concept(seed=9)
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_concept(other, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hugsy.safetensors"]  # no temp file left behind
+    monkeypatch.undo()
+    broken = random_concept(seed=9)
+    broken.value_outputs[broken.layers[0]][0] = float("inf")
+    with pytest.raises(ConceptError, match="NaN or infinite"):
+        save_concept(broken, path)
+    assert path.read_bytes() == before
+
+
+def test_embedding_export_is_a_standard_textual_inversion_file(tmp_path, concept):
+    path = export_embedding(concept, tmp_path / "hugsy-embedding.safetensors")
+    tensors = load_file(path)
+    assert list(tensors) == ["emb_params"]
+    assert tensors["emb_params"].shape == (1, 768) and tensors["emb_params"].dtype == torch.float32
+    assert torch.equal(tensors["emb_params"], concept.embedding)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..\\x", "/abs", "", "  ", "con", "x" * 200, "bad\x00name"])
+def test_save_names_with_path_tricks_are_refused(name):
+    with pytest.raises(ValueError):
+        safe_file_name(name)
+
+
+def test_plain_save_names_are_accepted():
+    assert safe_file_name("my teddy v2") == "my teddy v2.safetensors"
+    assert safe_file_name("hugsy.safetensors") == "hugsy.safetensors"
+
+
+def test_cli_info_and_export(tmp_path, concept):
+    path = save_concept(concept, tmp_path / "hugsy.safetensors")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "perfusion_ops", *args], cwd=REPO,
+                                       capture_output=True, text=True)
+    info = run("info", str(path))
+    assert info.returncode == 0, info.stderr
+    assert "trigger         hugsy" in info.stdout and "16 cross-attention layers" in info.stdout
+    assert f"({path.stat().st_size / 1024:.1f} KB)" in info.stdout
+    out = tmp_path / "emb.safetensors"
+    assert run("export-embedding", str(path), str(out)).returncode == 0
+    assert load_file(out)["emb_params"].shape == (1, 768)
+    bad = run("info", str(tmp_path / "nope.safetensors"))
+    assert bad.returncode == 2 and "does not exist" in bad.stdout
+
+
+def test_serialisation_refuses_invalid_concepts(concept):
+    concept.trigger = " "
+    with pytest.raises(ConceptError, match="empty trigger"):
+        concept_to_bytes(concept)
