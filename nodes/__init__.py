@@ -1,0 +1,18 @@
+"""ComfyUI adapter: the only package that imports comfy.* (the maths lives in perfusion_ops)."""
+from . import folders
+from .inference import PerfusionApply, PerfusionExportEmbedding, PerfusionGlobalKeyLock, PerfusionLoadConcept
+
+folders.register()
+
+NODE_CLASS_MAPPINGS = {
+    "PerfusionLoadConcept": PerfusionLoadConcept,
+    "PerfusionApply": PerfusionApply,
+    "PerfusionGlobalKeyLock": PerfusionGlobalKeyLock,
+    "PerfusionExportEmbedding": PerfusionExportEmbedding,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "PerfusionLoadConcept": "Perfusion Load Concept",
+    "PerfusionApply": "Perfusion Apply (Gated Rank-1)",
+    "PerfusionGlobalKeyLock": "Perfusion Global Key Lock",
+    "PerfusionExportEmbedding": "Perfusion Export Embedding",
+}

@@ -1,0 +1,130 @@
+"""Inference nodes: Load Concept, Apply (gated rank-1, multi-concept), Global Key Lock, Export Embedding."""
+from __future__ import annotations
+
+import os
+
+import comfy.conds
+import folder_paths
+
+from ..perfusion_ops.concept_file import export_embedding, load_concept
+from ..perfusion_ops.edit import LOCKS, AppliedConcept
+from ..perfusion_ops.files import safe_file_name
+from .folders import FOLDER
+from .keylock import KEYS
+from .patching import apply_concept
+from .tokenizer import Trigger, check_trigger, replace_triggers, triggers_of, with_triggers
+
+CATEGORY = "perfusion"
+CONCEPT = "PERFUSION_CONCEPT"
+
+
+class PerfusionLoadConcept:
+    DESCRIPTION = "Loads a Perfusion concept (.safetensors, a few dozen KB) from models/perfusion."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (CONCEPT,)
+    RETURN_NAMES = ("concept",)
+    OUTPUT_TOOLTIPS = ("The concept: trigger word, learned embedding and per-layer rank-1 edit targets.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"concept_name": (folder_paths.get_filename_list(FOLDER), {
+            "tooltip": "A concept file in models/perfusion (or a 'perfusion:' path of extra_model_paths.yaml)."})}}
+
+    def load(self, concept_name):
+        path = folder_paths.get_full_path(FOLDER, concept_name)
+        if path is None:
+            raise FileNotFoundError(f"concept '{concept_name}' is not in models/perfusion")
+        return (load_concept(path),)
+
+
+class PerfusionApply:
+    DESCRIPTION = (
+        "Applies a concept: the CLIP maps its trigger word to the learned embedding and the MODEL gets the gated "
+        "rank-1 edit of every cross-attention K/V projection (keys locked to the superclass). Chain several Apply "
+        "nodes to combine concepts in one prompt; each keeps its own beta/tau."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The model with the concept's edit (joint with concepts applied before).",
+                       "The CLIP that turns the trigger word into the learned embedding.")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD1.x model (or one already patched by Perfusion Apply)."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint (or one already patched by Apply)."}),
+            "concept": (CONCEPT, {"tooltip": "From Perfusion Load Concept or Perfusion Train Concept."}),
+            "beta": ("FLOAT", {"default": 0.7, "min": -1.0, "max": 2.0, "step": 0.01, "tooltip":
+                     "Gate bias β. Lower = stronger concept (more likeness), higher = more prompt freedom. "
+                     "Paper: 0.6–0.75 with the local key lock, 0.4–0.6 with the global key lock."}),
+            "tau": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                    "Gate temperature τ: how sharply the gate opens around β (paper: 0.15 at inference)."}),
+            "lock": (list(LOCKS), {"default": "local", "tooltip":
+                     "local: the concept's keys follow its superclass in this model (key lock). trained-k: use "
+                     "keys learned in training (only for concepts trained that way; less prompt-faithful)."}),
+        }}
+
+    def apply(self, model, clip, concept, beta, tau, lock):
+        patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock))
+        trigger = check_trigger(concept.trigger)
+        clip = clip.clone()
+        clip.tokenizer = with_triggers(clip.tokenizer, {trigger: Trigger(concept.embedding, concept.superclass)})
+        return patched, clip
+
+
+class PerfusionGlobalKeyLock:
+    DESCRIPTION = (
+        "Encodes a prompt for the global key lock (paper App. C): the K pathway sees the prompt with every trigger "
+        "word replaced by its superclass word, the V pathway sees the real prompt. Use it instead of CLIP Text "
+        "Encode for the positive prompt, with the MODEL and CLIP from Perfusion Apply. Lower beta (0.4–0.6)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Conditioning of the real prompt carrying the superclass prompt for the K pathway.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP", {"tooltip": "The CLIP output of Perfusion Apply (it knows the trigger words)."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                "tooltip": "The prompt, with trigger words, e.g. 'a hugsy dressed as a wizard'."}),
+        }}
+
+    def encode(self, clip, text):
+        triggers = triggers_of(clip.tokenizer)
+        if not triggers:
+            raise ValueError("this CLIP has no Perfusion concepts: connect the CLIP output of Perfusion Apply")
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        superclass_text = replace_triggers(text, {w: t.superclass for w, t in triggers.items()})
+        keys, _ = clip.encode_from_tokens(clip.tokenize(superclass_text), return_pooled=True)
+        if keys.shape != cond.shape:
+            raise ValueError(
+                "global key lock needs the superclass prompt to tokenize to as many chunks as the prompt; "
+                f"got {keys.shape[1]} vs {cond.shape[1]} tokens: shorten the prompt"
+            )
+        return ([[cond, {"pooled_output": pooled, "model_conds": {KEYS: comfy.conds.CONDCrossAttn(keys)}}]],)
+
+
+class PerfusionExportEmbedding:
+    DESCRIPTION = "Writes the concept's learned trigger embedding to models/embeddings, for embedding:<name> prompts."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "export"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "concept": (CONCEPT, {"tooltip": "The concept whose trigger embedding to export."}),
+            "name": ("STRING", {"default": "perfusion-concept", "tooltip":
+                     "File name in models/embeddings (no folders); use it in prompts as embedding:<name>."}),
+        }}
+
+    def export(self, concept, name):
+        folder = folder_paths.get_folder_paths("embeddings")[0]
+        path = export_embedding(concept, os.path.join(folder, safe_file_name(name)))
+        message = f"wrote {path}; use embedding:{os.path.splitext(os.path.basename(path))[0]} in prompts"
+        return {"ui": {"text": [message]}}

@@ -1,0 +1,72 @@
+"""Install the core's joint edit on a clone of a ComfyUI model: one object patch per attn2 ``to_k``/``to_v``.
+
+Patching ``.forward`` keeps each module and its ``weight`` key, so LoRA weight patches and low-VRAM casting still
+apply: the patch calls the module's class ``forward`` on ``e⊥``. Patches live on a clone only; ComfyUI installs
+them while that clone is loaded and restores the originals when another clone of the same model is loaded.
+"""
+from __future__ import annotations
+
+from ..perfusion_ops.edit import AppliedConcept, JointEdit
+from .keylock import install_keylock
+
+PATCH_KEY = "diffusion_model.{layer}.{module}.forward"
+
+
+class PatchedForward:
+    """The edited forward of one host projection, remembering the joint edit it belongs to."""
+
+    def __init__(self, edit: JointEdit, layer: str, path: str, module):
+        self.edit = edit
+        self.projection = edit.projection(layer, path, lambda x: type(module).forward(module, x))
+
+    def __call__(self, x, *args, **kwargs):
+        return self.projection(x)
+
+
+def cross_attention_layers(model) -> dict[str, int]:
+    """``{layer path: inner width}`` of every cross-attention (``attn2``) layer of a ModelPatcher's UNet."""
+    unet = model.model.diffusion_model
+    return {
+        name: module.to_k.out_features
+        for name, module in unet.named_modules()
+        if name.endswith("attn2") and hasattr(module, "to_k")
+    }
+
+
+def text_width(model) -> int:
+    """Width of the text encodings the model's cross-attention takes (768 for SD1.x)."""
+    unet = model.model.diffusion_model
+    layer = next(iter(cross_attention_layers(model)), None)
+    if layer is None:
+        raise ValueError("this model has no cross-attention layers to edit")
+    return unet.get_submodule(layer).to_k.in_features
+
+
+def applied_concepts(model) -> list[AppliedConcept]:
+    """The concepts already applied to ``model`` by earlier Apply nodes (empty for a plain model)."""
+    for patch in model.object_patches.values():
+        if isinstance(patch, PatchedForward):
+            return list(patch.edit.applied)
+    return []
+
+
+def apply_concept(model, entry: AppliedConcept):
+    """A clone of ``model`` whose edit is the joint edit (Eq. 4) of its earlier concepts and ``entry``.
+
+    An earlier concept with the same trigger word is replaced, so applying a concept twice never doubles it."""
+    concept = entry.concept
+    concept.check_width(text_width(model))
+    concept.check_layers(cross_attention_layers(model))
+    trigger = concept.trigger.lower()
+    entries = [e for e in applied_concepts(model) if e.concept.trigger.lower() != trigger] + [entry]
+    edit = JointEdit(entries)
+    patched = model.clone()
+    unet = model.model.diffusion_model
+    for layer in edit.layers:
+        attention = unet.get_submodule(layer)
+        for path in "kv":
+            module = getattr(attention, f"to_{path}")
+            patched.add_object_patch(PATCH_KEY.format(layer=layer, module=f"to_{path}"),
+                                     PatchedForward(edit, layer, path, module))
+    install_keylock(patched)
+    return patched
