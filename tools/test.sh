@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 set +e
-.venv/bin/python -m pytest -q tests "$@"
+.venv/bin/python -m pytest -c tests/pytest.ini -q tests "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi

@@ -1,0 +1,231 @@
+"""Perfusion training (paper Sec. 4.4, App. D and G), host-agnostic: read it top to bottom like a training script.
+
+Learned: the trigger word's embedding (init: the superclass word's, lr 0.006) and one V target output ``o_V`` per
+cross-attention layer (init ``W_V e_sup``, lr 0.03). Frozen: UNet, text encoder, and the K targets, locked to
+``o_K = W_K e_sup``. The target input ``i`` follows an EMA of the trigger's encodings, from ``e_sup``. The forward
+pass uses the very gated edit inference uses (Eq. 3), so training and inference match (the paper's fix of ROME's
+train/test mismatch). A host (ComfyUI nodes, the tiny test world) supplies a :class:`TrainingHost`.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Protocol
+
+import torch
+from torch import Tensor
+
+from .concept import Concept, check_gate
+from .edit import AppliedConcept, JointEdit
+from .projection import Projection
+
+# Neutral training prompts (paper App. G); "{}" is the trigger word.
+TEMPLATES = (
+    "a photo of a {}", "a good photo of a {}", "the photo of a {}", "a good photo of the {}", "image of a {}",
+    "image of the {}", "A photograph of {}", "A {} shown in a photo", "A photo of {}",
+)
+Forwards = dict[tuple[str, str], Callable[[Tensor], Tensor]]
+
+
+class TrainingHost(Protocol):
+    """What the training loop needs from a host model; every tensor it returns may carry gradients."""
+
+    layers: dict[str, int]  # cross-attention layer -> K/V output width
+    alphas_cumprod: Tensor  # (T,) noise schedule ᾱ_t of the ε-prediction model
+
+    def project(self, layer: str, path: str) -> Projection:
+        """The frozen host projection ``W·`` of ``layer``'s ``to_k`` (path 'k') or ``to_v`` ('v')."""
+
+    def encode(self, prompts: list[str], trigger: str, vector: Tensor) -> tuple[Tensor, Tensor]:
+        """``(context (B, L, D), trigger encodings (B, D))`` of prompts whose ``trigger`` word is ``vector``."""
+
+    def superclass(self, word: str) -> tuple[Tensor, Tensor]:
+        """``(embedding (1, T), e_sup (D,))``: the word's token embedding(s) and its encoding in 'a photo of a …'."""
+
+    def install(self, forwards: Forwards) -> ContextManager:
+        """Route each ``(layer, path)`` projection of the UNet through ``forwards`` while the context is open."""
+
+    def predict_noise(self, noisy: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        """The UNet's ε prediction (with whatever ``install`` put in place)."""
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters, defaults from the paper (Sec. 4.4): effective batch 16, 400 steps at most."""
+
+    steps: int = 400
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr_values: float = 0.03
+    lr_embedding: float = 0.006
+    train_beta: float = 0.75
+    train_tau: float = 0.1
+    ema_decay: float = 0.99
+    trained_k: bool = False  # the paper's ablation (Fig. 9b): learn o_K instead of locking it
+    seed: int = 0
+    templates: tuple[str, ...] = TEMPLATES
+
+    def check(self) -> "TrainSettings":
+        for name in ("steps", "batch_size", "grad_accum"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr_values", "lr_embedding"):
+            if not 0 < getattr(self, name) < 10:
+                raise ValueError(f"{name} must be in (0, 10), got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check_gate(self.train_beta, self.train_tau, what="training gate")
+        return self
+
+
+class ConceptParameters(torch.nn.Module):
+    """What training learns (embedding, o_V, optionally o_K) and the EMA'd target input ``i``."""
+
+    def __init__(self, embedding: Tensor, superclass_encoding: Tensor, value_init: dict[str, Tensor],
+                 key_init: dict[str, Tensor] | None, inverse_covariance: Tensor):
+        super().__init__()
+        self.layers = list(value_init)
+        self.embedding = torch.nn.Parameter(embedding.detach().float().clone())
+        self.values = torch.nn.ParameterList([torch.nn.Parameter(value_init[l].detach().float().clone()) for l in self.layers])
+        self.keys = None if key_init is None else torch.nn.ParameterList(
+            [torch.nn.Parameter(key_init[l].detach().float().clone()) for l in self.layers])
+        self.register_buffer("target_input", superclass_encoding.detach().float().clone())
+        self.register_buffer("superclass_encoding", superclass_encoding.detach().float().clone())
+        self.register_buffer("inverse_covariance", inverse_covariance.detach().float())
+
+    @torch.no_grad()
+    def track(self, encodings: Tensor, decay: float) -> None:
+        """Online estimate of the target input (Sec. 4.4): ``i ← decay·i + (1 − decay)·mean(e_concept)``."""
+        self.target_input.mul_(decay).add_(encodings.detach().float().mean(0), alpha=1 - decay)
+
+    def concept(self, trigger: str, superclass: str, settings: TrainSettings, **fields) -> Concept:
+        """The current state as a :class:`Concept` (tensors still attached to the graph; ``q = C⁻¹ i``)."""
+        i = self.target_input.clone()
+        return Concept(
+            trigger=trigger, superclass=superclass, embedding=self.embedding,
+            target_input=i, target_key=self.inverse_covariance @ i, superclass_encoding=self.superclass_encoding,
+            value_outputs=dict(zip(self.layers, self.values)),
+            key_outputs=None if self.keys is None else dict(zip(self.layers, self.keys)),
+            train_beta=settings.train_beta, train_tau=settings.train_tau, **fields,
+        )
+
+
+@dataclass
+class Sample:
+    """One batch of the training data: VAE latents (already scaled), loss weights, prompts."""
+
+    latents: Tensor
+    weights: Tensor | None
+    prompts: list[str]
+
+
+@dataclass
+class TrainResult:
+    concept: Concept
+    losses: list[float]
+
+
+def masked_noise_loss(prediction: Tensor, noise: Tensor, weights: Tensor | None) -> Tensor:
+    """ε-MSE, optionally weighted per pixel by a soft mask normalised by its maximum (paper's zero-shot mask)."""
+    error = (prediction.float() - noise.float()).square()
+    if weights is not None:
+        error = error * weights
+    return error.mean()
+
+
+def normalise_masks(masks: Tensor) -> Tensor:
+    """Per-image loss weights ``m / max(m)`` (an all-zero mask is refused: it would learn nothing)."""
+    peak = masks.flatten(1).amax(1)
+    if bool((peak <= 0).any()):
+        raise ValueError("a training mask is empty (all zero): every image needs some masked area")
+    return masks / peak.view(-1, *([1] * (masks.ndim - 1)))
+
+
+def add_noise(latents: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """DDPM forward process ``x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε``."""
+    a = alphas_cumprod.to(latents.device)[timesteps].view(-1, *([1] * (latents.ndim - 1)))
+    return a.sqrt() * latents + (1 - a).sqrt() * noise
+
+
+class Trainer:
+    """The Perfusion optimisation of one concept on a host; ``step`` is one optimizer step."""
+
+    def __init__(self, host: TrainingHost, trigger: str, superclass: str, inverse_covariance: Tensor,
+                 settings: TrainSettings, concept_fields: dict | None = None):
+        self.host, self.trigger, self.superclass = host, trigger, superclass
+        self.settings = settings.check()
+        self.fields = concept_fields or {}
+        embedding, e_sup = host.superclass(superclass)
+        with torch.no_grad():  # o_V (and trained o_K) start from the superclass: W e_sup (App. D)
+            init = {path: {l: host.project(l, path)(e_sup[None])[0].float() for l in host.layers} for path in "kv"}
+        self.params = ConceptParameters(embedding, e_sup, init["v"], init["k"] if settings.trained_k else None,
+                                        inverse_covariance)
+        groups = [{"params": [self.params.embedding], "lr": settings.lr_embedding},
+                  {"params": [*self.params.values, *(self.params.keys or [])], "lr": settings.lr_values}]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.live: dict[tuple[str, str], Callable[[Tensor], Tensor]] = {}
+        self.rng = random.Random(settings.seed)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+
+    def forwards(self) -> Forwards:
+        """Stable callables for ``host.install``; each step swaps in that step's edit behind them."""
+        return {(l, p): (lambda x, key=(l, p): self.live[key](x)) for l in self.host.layers for p in "kv"}
+
+    def concept(self) -> Concept:
+        """The concept as trained so far, detached, ready to save or apply."""
+        c = self.params.concept(self.trigger, self.superclass, self.settings, **self.fields)
+        detach = lambda d: None if d is None else {k: v.detach().clone() for k, v in d.items()}
+        c.embedding, c.value_outputs, c.key_outputs = c.embedding.detach().clone(), detach(c.value_outputs), detach(c.key_outputs)
+        return c
+
+    def loss(self, sample: Sample, noise: Tensor, timesteps: Tensor, track: bool = True) -> Tensor:
+        """The masked ε-loss of one batch through the gated edit of the current concept (Eq. 3)."""
+        context, encodings = self.host.encode(sample.prompts, self.trigger, self.params.embedding)
+        if track:
+            self.params.track(encodings, self.settings.ema_decay)
+        lock = "trained-k" if self.settings.trained_k else "local"
+        concept = self.params.concept(self.trigger, self.superclass, self.settings)
+        edit = JointEdit([AppliedConcept(concept, self.settings.train_beta, self.settings.train_tau, lock)])
+        self.live = {(l, p): edit.projection(l, p, self.host.project(l, p)) for l in self.host.layers for p in "kv"}
+        edit.shared.prepare(context)  # e⊥ and gates once, outside any checkpointed UNet region
+        noisy = add_noise(sample.latents, noise, timesteps, self.host.alphas_cumprod)
+        prediction = self.host.predict_noise(noisy, timesteps, context)
+        return masked_noise_loss(prediction, noise, sample.weights)
+
+    def step(self, draw: Callable[[random.Random, int], Sample]) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches drawn by ``draw(rng, batch_size)``."""
+        total = 0.0
+        for _ in range(self.settings.grad_accum):
+            sample = draw(self.rng, self.settings.batch_size)
+            noise = torch.randn(sample.latents.shape, generator=self.generator).to(sample.latents)
+            steps = len(self.host.alphas_cumprod)
+            timesteps = torch.randint(0, steps, (sample.latents.shape[0],), generator=self.generator)
+            loss = self.loss(sample, noise, timesteps.to(sample.latents.device)) / self.settings.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, sample: Sample, noise: Tensor, timesteps: Tensor) -> float:
+        """The loss on fixed ``(noise, timesteps)`` without moving ``i`` (for tests and learning curves)."""
+        with self.host.install(self.forwards()):
+            return float(self.loss(sample, noise, timesteps, track=False))
+
+
+def prompts_for(trigger: str, rng: random.Random, count: int, templates: tuple[str, ...] = TEMPLATES) -> list[str]:
+    """``count`` neutral training prompts (App. G) around the trigger word."""
+    return [rng.choice(templates).format(trigger) for _ in range(count)]
+
+
+def run(trainer: Trainer, draw: Callable[[random.Random, int], Sample],
+        on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train for ``settings.steps`` steps; ``on_step(step, loss)`` after each (may raise to stop early)."""
+    losses = []
+    with trainer.host.install(trainer.forwards()):
+        for step in range(1, trainer.settings.steps + 1):
+            losses.append(trainer.step(draw))
+            if on_step:
+                on_step(step, losses[-1])
+    return TrainResult(trainer.concept(), losses)
