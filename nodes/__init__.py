@@ -1,6 +1,7 @@
 """ComfyUI adapter: the only package that imports comfy.* (the maths lives in perfusion_ops)."""
 from . import folders
 from .inference import PerfusionApply, PerfusionExportEmbedding, PerfusionGlobalKeyLock, PerfusionLoadConcept
+from .train import PerfusionTrainConcept
 
 folders.register()
 
@@ -9,10 +10,12 @@ NODE_CLASS_MAPPINGS = {
     "PerfusionApply": PerfusionApply,
     "PerfusionGlobalKeyLock": PerfusionGlobalKeyLock,
     "PerfusionExportEmbedding": PerfusionExportEmbedding,
+    "PerfusionTrainConcept": PerfusionTrainConcept,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PerfusionLoadConcept": "Perfusion Load Concept",
     "PerfusionApply": "Perfusion Apply (Gated Rank-1)",
     "PerfusionGlobalKeyLock": "Perfusion Global Key Lock",
     "PerfusionExportEmbedding": "Perfusion Export Embedding",
+    "PerfusionTrainConcept": "Perfusion Train Concept",
 }

@@ -1,0 +1,31 @@
+"""A loss curve as a ComfyUI IMAGE, drawn with PIL (no plotting dependency)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def loss_chart(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
+    """``(1, H, W, 3)`` float image of the per-step loss (raw in grey, a running mean in blue)."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    pad = 28
+    values = np.asarray(losses, dtype=np.float64)
+    if values.size:
+        low, high = float(values.min()), float(values.max())
+        span = high - low or 1.0
+        smooth = np.convolve(values, np.ones(min(10, values.size)) / min(10, values.size), mode="valid")
+
+        def points(series, offset):
+            xs = pad + (np.arange(series.size) + offset) / max(values.size - 1, 1) * (width - 2 * pad)
+            ys = height - pad - (series - low) / span * (height - 2 * pad)
+            return list(zip(xs.tolist(), ys.tolist()))
+
+        draw.line(points(values, 0), fill=(170, 170, 170), width=1)
+        draw.line(points(smooth, values.size - smooth.size), fill=(40, 90, 200), width=2)
+        draw.text((pad, 4), f"loss  first {values[0]:.4f}  last {values[-1]:.4f}  steps {values.size}", fill="black")
+        draw.text((4, pad), f"{high:.3g}", fill="black")
+        draw.text((4, height - pad - 10), f"{low:.3g}", fill="black")
+    draw.rectangle([pad, pad, width - pad, height - pad], outline=(0, 0, 0))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]

@@ -1,0 +1,171 @@
+"""The core's TrainingHost over a loaded ComfyUI MODEL and CLIP: differentiable, and leaves them as it found them.
+
+ComfyUI runs nodes under ``torch.inference_mode()``, so its loaded weights are inference tensors, which autograd
+refuses to save. While training, each such weight is swapped for a normal clone; on exit the originals go back,
+so the models are bit-identical (the same tensor objects) afterwards. The text encoder runs through the core's
+:class:`ClipTextForward` on ComfyUI's own CLIP-L weights, since ComfyUI's encode passes no gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import comfy.model_management
+
+from ..perfusion_ops.clip_text import ClipTextForward
+from ..perfusion_ops.covariance import fingerprint
+from .patching import cross_attention_layers
+
+MAX_TOKENS = 77
+
+
+@contextlib.contextmanager
+def trainable_weights(*modules: torch.nn.Module):
+    """Swap inference-tensor parameters/buffers of ``modules`` for normal clones while the context is open."""
+    swapped = []
+    with torch.inference_mode(False):
+        for module in modules:
+            for owner in module.modules():
+                for table in (owner._parameters, owner._buffers):
+                    for name, tensor in table.items():
+                        if tensor is not None and tensor.is_inference():
+                            clone = tensor.detach().clone()
+                            table[name] = torch.nn.Parameter(clone, requires_grad=False) if table is owner._parameters else clone
+                            swapped.append((table, name, tensor))
+    try:
+        yield
+    finally:
+        for table, name, tensor in reversed(swapped):
+            table[name] = tensor
+
+
+@contextlib.contextmanager
+def forwards_installed(modules: dict, forwards: dict):
+    """Set ``forward`` of each module to ``forwards[key]``; restore whatever instance forward it had before."""
+    previous = {key: modules[key].__dict__.get("forward") for key in forwards}
+    for key, fn in forwards.items():
+        modules[key].forward = fn
+    try:
+        yield
+    finally:
+        for key, old in previous.items():
+            if old is None:
+                del modules[key].forward
+            else:
+                modules[key].forward = old
+
+
+class ComfyTrainingHost:
+    """TrainingHost (see ``perfusion_ops.training``) for an SD1.x ModelPatcher and CLIP, on the model's device."""
+
+    def __init__(self, model, clip, clip_layer: int = -1, gradient_checkpointing: bool = False):
+        comfy.model_management.load_models_gpu([model])
+        clip.load_model()
+        self.model, self.clip = model, clip
+        self.unet = model.model.diffusion_model
+        self.device = next(self.unet.parameters()).device
+        self.dtype = model.model.get_dtype()
+        self.layers = cross_attention_layers(model)
+        sigmas = model.model.model_sampling.sigmas.detach().float().cpu()
+        self.alphas_cumprod = 1 / (1 + sigmas.square())
+        self.clip_layer = clip_layer
+        self.checkpointing = gradient_checkpointing
+        self.word_tokenizer = clip.tokenizer.clip_l.tokenizer  # the HF CLIP BPE tokenizer ComfyUI ships
+        self.start, self.end = self.word_tokenizer("")["input_ids"]
+        text_model = clip.cond_stage_model.clip_l.transformer.text_model
+        with torch.inference_mode(False):
+            weights = {k: v.detach().to(self.device, torch.float32).clone() for k, v in text_model.state_dict().items()}
+        self.text = ClipTextForward(weights)
+        self._modules = {(layer, path): getattr(self.unet.get_submodule(layer), f"to_{path}")
+                         for layer in self.layers for path in "kv"}
+
+    def encoder_fingerprint(self) -> str:
+        """Fingerprint of this CLIP's weights (keys the covariance cache; recorded in the concept)."""
+        w = self.text.w
+        return fingerprint([w["embeddings.token_embedding.weight"][:4096], w["final_layer_norm.weight"],
+                            w["encoder.layers.0.self_attn.q_proj.weight"]])
+
+    # -- text ----------------------------------------------------------------------------------------------
+    def word_ids(self, word: str) -> list[int]:
+        return self.word_tokenizer(word)["input_ids"][1:-1]
+
+    def token_ids(self, prompt: str, trigger: str | None = None) -> tuple[list[int], int | None]:
+        """77 ids of ``prompt`` split into words like ComfyUI's SD1 tokenizer; the trigger's slot (or None)."""
+        ids, slot = [self.start], None
+        for word in prompt.split():
+            if trigger is not None and word.lower() == trigger.lower():
+                slot = len(ids)
+                ids.append(self.end)  # placeholder row, replaced by the learned vector
+            else:
+                ids += self.word_ids(word)
+        ids = ids[: MAX_TOKENS - 1] + [self.end]
+        return ids + [self.end] * (MAX_TOKENS - len(ids)), slot
+
+    def encode_ids(self, ids: torch.Tensor, vector: torch.Tensor | None = None, slots=None) -> torch.Tensor:
+        embeds = self.text.embed(ids.to(self.device))
+        if vector is not None:
+            rows = torch.arange(len(slots), device=self.device)
+            embeds = embeds.index_put((rows, torch.tensor(slots, device=self.device)),
+                                      vector[0].to(embeds).expand(len(slots), -1))
+        return self.text(embeds, self.clip_layer)
+
+    def encode(self, prompts, trigger, vector):
+        pairs = [self.token_ids(p, trigger) for p in prompts]
+        if any(slot is None for _, slot in pairs):
+            raise ValueError(f"every training prompt must contain the trigger word '{trigger}'")
+        slots = [slot for _, slot in pairs]
+        context = self.encode_ids(torch.tensor([ids for ids, _ in pairs]), vector, slots)
+        # in the UNet's dtype already, so the edit's per-context cache hits inside the UNet
+        return context.to(self.dtype), context[torch.arange(len(prompts)), torch.tensor(slots)]
+
+    def encode_plain(self, prompts: list[str]) -> torch.Tensor:
+        """Encodings of plain prompts, no gradient (covariance estimation)."""
+        with torch.no_grad():
+            return self.encode_ids(torch.tensor([self.token_ids(p)[0] for p in prompts]))
+
+    def superclass(self, word):
+        """Rule for superclass words of several tokens ('teddy bear'): the trigger starts from the mean of their
+        token embeddings, and ``e_sup`` is the encoding of the last one (the causal encoder has seen them all)."""
+        pieces = [piece for w in word.split() for piece in self.word_ids(w)]
+        embedding = self.text.token_table[torch.tensor(pieces, device=self.device)].mean(0, keepdim=True)
+        ids, _ = self.token_ids(f"a photo of a {word}")
+        with torch.no_grad():
+            context = self.encode_ids(torch.tensor([ids]))
+        return embedding, context[0, 4 + len(pieces) - 1]
+
+    # -- UNet ----------------------------------------------------------------------------------------------
+    def project(self, layer, path):
+        module = self._modules[layer, path]
+        return lambda x: type(module).forward(module, x.to(self.dtype))
+
+    @contextlib.contextmanager
+    def install(self, forwards):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(False))
+            # the 2024 tree adds residuals in place (x += n): let autograd keep copies of what it saved
+            stack.enter_context(torch.autograd.graph.allow_mutation_on_saved_tensors())
+            stack.enter_context(trainable_weights(self.unet))
+            stack.enter_context(forwards_installed(self._modules, forwards))
+            if self.checkpointing:
+                blocks = {k: b for k, b in enumerate([*self.unet.input_blocks, self.unet.middle_block, *self.unet.output_blocks])}
+                stack.enter_context(forwards_installed(blocks, {k: _checkpointed(b) for k, b in blocks.items()}))
+            yield
+
+    def predict_noise(self, noisy, timesteps, context):
+        with _autocast(self.device):
+            out = self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device).float(),
+                            context=context.to(self.dtype), transformer_options={})
+        return out.float()
+
+
+def _checkpointed(block):
+    return lambda *args, **kwargs: checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (the frozen UNet's matmuls), nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
