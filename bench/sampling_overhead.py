@@ -1,0 +1,78 @@
+"""Cost of Perfusion at sampling time: one KSampler step of the exact SD1.5 UNet in the real ComfyUI host.
+
+Random-weight SD1.5 checkpoint (full UNet: 16 cross-attention layers), 32×32 latent, CFG batch 2 (cond + uncond),
+Euler, 1 step. Variants: unpatched, J = 1 and J = 4 concepts applied (prompt holding every trigger word). Each
+round runs every variant once, in turn (ComfyUI swaps the object patches on the shared model between them, outside
+the timed call); the ratios are medians of per-round ratios. ``apply_ms`` is the median time of one Apply node.
+
+Run: .venv/bin/python bench/sampling_overhead.py   (after `bash tools/test.sh` has set up the host once)
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tools")]
+sys.path += [str(REPO), str(REPO / "tests")]
+import comfy_host  # noqa: E402
+import smoke_checkpoint  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench.common import machine, median_ratio, peak_rss_mb  # noqa: E402
+from factories import random_concept  # noqa: E402
+
+
+def main(rounds: int = 5) -> None:
+    host = comfy_host.start_in_process(Path(tempfile.mkdtemp(prefix="perfusion-bench-")))
+    name = host.layout.add_model("checkpoints", smoke_checkpoint.checkpoint_path("full"))
+    host.refresh_models()
+    with torch.inference_mode():
+        model, clip = host.node("CheckpointLoaderSimple")().load_checkpoint(name)[:2]
+        apply = host.node("PerfusionApply")()
+        triggers = [f"concept{k}" for k in range(4)]
+        concepts = [random_concept(seed=k, trigger=t) for k, t in enumerate(triggers)]
+        apply_times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            apply.apply(model, clip, concepts[0], 0.7, 0.15, "local")
+            apply_times.append(1e3 * (time.perf_counter() - start))
+        variants = {"plain": (model, clip)}
+        for j in (1, 4):
+            m, c = model, clip
+            for concept in concepts[:j]:
+                m, c = apply.apply(m, c, concept, 0.7, 0.15, "local")
+            variants[f"J{j}"] = (m, c)
+        latent = host.node("EmptyLatentImage")().generate(256, 256, 1)[0]
+        encode = host.node("CLIPTextEncode")()
+
+        def sampler(m, c):
+            positive = encode.encode(c, "a photo of " + " and ".join(triggers) + " on a table")[0]
+            negative = encode.encode(c, "blurry")[0]
+            return lambda: host.nodes.common_ksampler(m, 0, 1, 7.0, "euler", "normal", positive, negative, latent)
+
+        runs = {label: sampler(m, c) for label, (m, c) in variants.items()}
+        seconds = {label: [] for label in runs}
+        labels = list(runs)
+        for round_ in range(rounds + 1):  # round 0 warms up; the order rotates so drift hits every variant
+            for label in labels[round_ % 3:] + labels[:round_ % 3]:
+                run = runs[label]
+                host.model_management.load_models_gpu([variants[label][0]])  # patch swap, not timed
+                start = time.perf_counter()
+                run()
+                if round_:
+                    seconds[label].append(time.perf_counter() - start)
+    print(f"machine: {machine()}; host: {host.label}")
+    for label, s in seconds.items():
+        print(f"{label:>6}: median {statistics.median(s):.3f} s per step (CFG batch 2, 32x32 latent)")
+    print(f"peak_rss_mb={peak_rss_mb():.0f}")
+    j1, j4 = (median_ratio(seconds, f"J{j}", "plain") for j in (1, 4))
+    print(f"sampling_overhead J1={j1:.3f} J4={j4:.3f} apply_ms={statistics.median(apply_times):.1f}")
+
+
+if __name__ == "__main__":
+    main()

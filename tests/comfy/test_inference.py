@@ -1,0 +1,191 @@
+"""Load / Apply / Global Key Lock / Export in a real ComfyUI: behaviour against unpatched runs and the core's maths."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graphs import sampling_graph
+
+PROMPT = "a photo of a {} sitting on a wooden table, studio light"
+
+
+def latent(result):
+    return result["k"][0]["samples"]
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, small_checkpoint):
+    """(MODEL, CLIP) of the small checkpoint, loaded once through ComfyUI's own loader."""
+    with torch.inference_mode():
+        return comfy.node("CheckpointLoaderSimple")().load_checkpoint(small_checkpoint.name)[:2]
+
+
+def apply(comfy, model, clip, concept, beta=0.7, tau=0.15):
+    with torch.inference_mode():
+        return comfy.node("PerfusionApply")().apply(model, clip, concept, beta, tau, "local")
+
+
+def projections(comfy, model, context):
+    """Outputs of every attn2 to_k/to_v of ``model`` (loaded, so its patches are live) for ``context``."""
+    comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    out = {}
+    with torch.inference_mode():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                out[name] = (module.to_k(context).clone(), module.to_v(context).clone())
+    return out
+
+
+def test_pack_loads_and_nodes_are_listed(comfy, server):
+    assert comfy.pack is not None, comfy.pack_error
+    info = server.get("/object_info")
+    for name in ("PerfusionLoadConcept", "PerfusionApply", "PerfusionGlobalKeyLock", "PerfusionExportEmbedding",
+                 "PerfusionTrainConcept"):
+        assert name in info, name
+        assert info[name]["category"] == "perfusion"
+        for spec in info[name]["input"]["required"].values():
+            assert "tooltip" in spec[1], (name, spec)
+
+
+def test_gate_is_shut_without_trigger_and_open_with_it(comfy, small_checkpoint, concept_files):
+    a = concept_files["hugsy"]
+    # "car": neither the trigger nor its superclass (whose encoding the concept's i starts from)
+    plain = latent(comfy.run(sampling_graph(small_checkpoint.name, PROMPT.format("car"))))
+    patched = latent(comfy.run(sampling_graph(small_checkpoint.name, PROMPT.format("car"), [(a, 0.7, 0.15)])))
+    triggered = latent(comfy.run(sampling_graph(small_checkpoint.name, PROMPT.format("hugsy"), [(a, 0.7, 0.15)])))
+    # Without the trigger word the gates stay (nearly) shut: e⊥ removes each token's small component along i,
+    # so the latent moves by a fraction of what the trigger itself does.
+    quiet = (patched - plain).abs().max() / plain.abs().max()
+    loud = (triggered - plain).abs().max() / plain.abs().max()
+    print(f"relative latent change: no trigger {float(quiet):.2e}, trigger {float(loud):.2e}")
+    assert quiet < 0.05, float(quiet)
+    assert loud > 5 * quiet and loud > 0.01, (float(loud), float(quiet))
+
+
+def test_no_patch_leaks_into_other_branches(comfy, loaded, small_checkpoint, concept_files):
+    model, clip = loaded
+    before_keys, tokenizer = dict(model.object_patches), clip.tokenizer
+    graph = sampling_graph(small_checkpoint.name, PROMPT.format("cat"), seed=3)
+    first = latent(comfy.run(graph, fresh=True))
+    perfusion = sampling_graph(small_checkpoint.name, PROMPT.format("hugsy"), [(concept_files["hugsy"], 0.6, 0.15)],
+                               seed=3)
+    for order in range(2):  # plain after perfusion, then perfusion after plain
+        comfy.run(perfusion, fresh=True)
+        again = latent(comfy.run(graph, fresh=True))
+        assert torch.equal(first, again), f"plain graph changed after a Perfusion graph (round {order})"
+    apply(comfy, model, clip, concept_files.concept("hugsy"))
+    assert model.object_patches == before_keys and clip.tokenizer is tokenizer
+    assert not any("forward" in m.__dict__ and "Patched" in type(m.__dict__["forward"]).__name__
+                   for m in projections_modules(comfy, model))
+
+
+def projections_modules(comfy, model):
+    comfy.model_management.load_models_gpu([model])
+    return [m for n, m in model.model.diffusion_model.named_modules() if n.endswith(("to_k", "to_v"))]
+
+
+def test_chaining_is_order_free_and_equals_the_core_joint_edit(comfy, loaded, concept_files):
+    model, clip = loaded
+    a, b = concept_files.concept("hugsy"), concept_files.concept("zorbo")
+    ab = apply(comfy, *apply(comfy, model, clip, a, 0.6, 0.15), b, 0.7, 0.2)[0]
+    ba = apply(comfy, *apply(comfy, model, clip, b, 0.7, 0.2), a, 0.6, 0.15)[0]
+    context = torch.randn(2, 77, 768) * 0.5
+    context[0, 5] = a.target_input
+    context[1, 7] = b.target_input
+    got_ab, got_ba = projections(comfy, ab, context), projections(comfy, ba, context)
+    pack = comfy.pack.perfusion_ops.edit
+    joint = pack.JointEdit([pack.AppliedConcept(a, 0.6, 0.15), pack.AppliedConcept(b, 0.7, 0.2)])
+    comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    for layer, (k, v) in got_ab.items():
+        attention = unet.get_submodule(layer)
+        with torch.inference_mode():
+            want_k = joint.projection(layer, "k", lambda x: torch.nn.functional.linear(x, attention.to_k.weight))(context)
+            want_v = joint.projection(layer, "v", lambda x: torch.nn.functional.linear(x, attention.to_v.weight))(context)
+        assert torch.allclose(k, want_k, atol=1e-5, rtol=1e-5) and torch.allclose(v, want_v, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(got_ba[layer][0], k, atol=1e-5) and torch.allclose(got_ba[layer][1], v, atol=1e-5)
+    again = apply(comfy, ab, clip, a, 0.6, 0.15)[0]  # the same concept again replaces, never doubles
+    assert [e.concept.trigger for e in comfy.pack.nodes.patching.applied_concepts(again)] == ["zorbo", "hugsy"]
+
+
+def test_lora_and_perfusion_compose(comfy, loaded, small_lora, concept_files):
+    model, clip = loaded
+    concept = concept_files.concept("hugsy")
+    with torch.inference_mode():
+        lora_model = comfy.node("LoraLoader")().load_lora(model, clip, small_lora.name, 1.0, 1.0)[0]
+    context = torch.randn(1, 77, 768) * 0.5
+    context[0, 4] = concept.target_input
+    comfy.model_management.load_models_gpu([lora_model])
+    lora_weights = {n: (m.to_k.weight.clone(), m.to_v.weight.clone())
+                    for n, m in lora_model.model.diffusion_model.named_modules() if n.endswith("attn2")}
+    comfy.model_management.load_models_gpu([model])
+    plain_weights = {n: m.to_k.weight.clone() for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2")}
+    assert any(not torch.equal(lora_weights[n][0], plain_weights[n]) for n in plain_weights), "LoRA did not patch"
+    pack = comfy.pack.perfusion_ops.edit
+    joint = pack.JointEdit([pack.AppliedConcept(concept, 0.7, 0.15)])
+    lora_then_edit = apply(comfy, lora_model, clip, concept)[0]
+    with torch.inference_mode():
+        edit_then_lora = comfy.node("LoraLoader")().load_lora(apply(comfy, model, clip, concept)[0], clip,
+                                                              small_lora.name, 1.0, 1.0)[0]
+    for patched in (lora_then_edit, edit_then_lora):
+        got = projections(comfy, patched, context)
+        for layer, (wk, wv) in lora_weights.items():
+            with torch.inference_mode():
+                want_k = joint.projection(layer, "k", lambda x: x @ wk.T)(context)
+                want_v = joint.projection(layer, "v", lambda x: x @ wv.T)(context)
+            assert torch.allclose(got[layer][0], want_k, atol=1e-4) and torch.allclose(got[layer][1], want_v, atol=1e-4)
+
+
+def test_global_key_lock_feeds_k_the_superclass_prompt(comfy, loaded, concept_files):
+    model, clip = loaded
+    concept = concept_files.concept("hugsy")
+    patched, patched_clip = apply(comfy, model, clip, concept, 0.5, 0.15)
+    with torch.inference_mode():
+        cond = comfy.node("PerfusionGlobalKeyLock")().encode(patched_clip, PROMPT.format("hugsy"))[0]
+        real = patched_clip.encode_from_tokens(patched_clip.tokenize(PROMPT.format("hugsy")))
+        superclass = patched_clip.encode_from_tokens(patched_clip.tokenize(PROMPT.format(concept.superclass)))
+        negative = comfy.node("CLIPTextEncode")().encode(patched_clip, "blurry")[0]
+        latent_in = comfy.node("EmptyLatentImage")().generate(64, 64, 1)[0]
+    assert torch.equal(cond[0][0], real) and not torch.equal(real, superclass)
+    comfy.model_management.load_models_gpu([patched])
+    attention = patched.model.diffusion_model.get_submodule(next(iter(concept.value_outputs)))
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, path=path: seen.append((path, args[0].clone())))
+             for path, m in (("k", attention.to_k), ("v", attention.to_v))]
+    try:
+        with torch.inference_mode():
+            comfy.nodes.common_ksampler(patched, 0, 1, 5.0, "euler", "normal", cond, negative, latent_in)
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = list(zip(seen[0::2], seen[1::2]))
+    locked = [(k, v) for (_, k), (_, v) in pairs if torch.allclose(v[0], real[0].to(v))]
+    assert locked, "no cross-attention call saw the real prompt as V"
+    for k, v in locked:
+        assert torch.allclose(k[0], superclass[0].to(k)), "K did not see the superclass prompt"
+
+
+def test_export_embedding_is_found_by_comfyui(comfy, concept_files):
+    concept = concept_files.concept("hugsy")
+    with torch.inference_mode():
+        comfy.node("PerfusionExportEmbedding")().export(concept, "hugsy-ti")
+    path = comfy.layout.folder("embeddings") / "hugsy-ti.safetensors"
+    assert torch.equal(load_file(path)["emb_params"], concept.embedding.float())
+    with pytest.raises(ValueError, match="plain file name"):
+        comfy.node("PerfusionExportEmbedding")().export(concept, "../escape")
+
+
+@pytest.mark.parametrize("case", ["width", "corrupt", "missing", "tau0"])
+def test_bad_input_is_a_node_error_and_the_server_keeps_serving(server, case, concept_files_server):
+    ckpt = "sd15-small-random.safetensors"
+    concepts = {"width": [("sd2-concept.safetensors", 0.7, 0.15)], "corrupt": [("corrupt.safetensors", 0.7, 0.15)],
+                "missing": [("nope.safetensors", 0.7, 0.15)], "tau0": [("hugsy.safetensors", 0.7, 0.0)]}[case]
+    expected = {"width": "SD2.x", "corrupt": "truncated or not a safetensors", "missing": "nope.safetensors",
+                "tau0": "would make the gate a hard step"}[case]
+    with pytest.raises(Exception) as failure:
+        server.run(sampling_graph(ckpt, PROMPT.format("hugsy"), concepts, steps=1))
+    assert expected in str(failure.value), str(failure.value)[:2000]
+    history = server.run(sampling_graph(ckpt, PROMPT.format("cat"), steps=1))  # the next prompt still runs
+    assert history["status"]["status_str"] == "success"
