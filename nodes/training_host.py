@@ -23,22 +23,30 @@ MAX_TOKENS = 77
 
 @contextlib.contextmanager
 def trainable_weights(*modules: torch.nn.Module):
-    """Swap inference-tensor parameters/buffers of ``modules`` for normal clones while the context is open."""
-    swapped = []
+    """While open: inference-tensor parameters/buffers of ``modules`` are swapped for normal frozen clones (autograd
+    can save those), and other parameters are frozen, so gradients flow *through* the weights but never *to* them."""
+    swapped, frozen = [], []
     with torch.inference_mode(False):
         for module in modules:
             for owner in module.modules():
                 for table in (owner._parameters, owner._buffers):
                     for name, tensor in table.items():
-                        if tensor is not None and tensor.is_inference():
+                        if tensor is None:
+                            continue
+                        if tensor.is_inference():
                             clone = tensor.detach().clone()
                             table[name] = torch.nn.Parameter(clone, requires_grad=False) if table is owner._parameters else clone
                             swapped.append((table, name, tensor))
+                        elif tensor.requires_grad:  # a model loaded outside inference mode: freeze it all the same
+                            tensor.requires_grad_(False)
+                            frozen.append(tensor)
     try:
         yield
     finally:
         for table, name, tensor in reversed(swapped):
             table[name] = tensor
+        for tensor in frozen:
+            tensor.requires_grad_(True)
 
 
 @contextlib.contextmanager
