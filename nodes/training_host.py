@@ -139,9 +139,10 @@ class ComfyTrainingHost:
         pieces = [piece for w in word.split() for piece in self.word_ids(w)]
         embedding = self.text.token_table[torch.tensor(pieces, device=self.device)].mean(0, keepdim=True)
         ids, _ = self.token_ids(f"a photo of a {word}")
+        last = ids.index(self.end) - 1  # the superclass's last piece ends the prompt
         with torch.no_grad():
             context = self.encode_ids(torch.tensor([ids]))
-        return embedding, context[0, 4 + len(pieces) - 1]
+        return embedding, context[0, last]
 
     # -- UNet ----------------------------------------------------------------------------------------------
     def project(self, layer, path):

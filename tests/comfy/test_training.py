@@ -144,4 +144,8 @@ def test_multi_token_superclass_follows_the_documented_rule(comfy, loaded):
         pieces = host.word_ids("teddy") + host.word_ids("bear")
         assert torch.allclose(embedding[0], host.text.token_table[pieces].mean(0))
         context = host.encode_plain(["a photo of a teddy bear"])
-        assert torch.allclose(e_sup, context[0, 4 + len(pieces) - 1], atol=1e-5)
+        ids = host.token_ids("a photo of a teddy bear")[0]
+        assert ids[5:5 + len(pieces)] == pieces  # BOS, a, photo, of, a, then the superclass pieces
+        assert torch.allclose(e_sup, context[0, 5 + len(pieces) - 1], atol=1e-5)
+        single_embedding, single = host.superclass("cat")
+        assert torch.allclose(single, host.encode_plain(["a photo of a cat"])[0, 5], atol=1e-5)
