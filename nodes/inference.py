@@ -67,6 +67,13 @@ class PerfusionApply:
         }}
 
     def apply(self, model, clip, concept, beta, tau, lock):
+        layer = clip.layer_idx if getattr(clip, "layer_idx", None) is not None else -1
+        if layer != concept.clip_layer:
+            raise ValueError(
+                f"concept '{concept.trigger}' was trained on CLIP layer {concept.clip_layer} but this CLIP uses layer "
+                f"{layer} (CLIP Set Last Layer): its gate would never open; set the layer to {concept.clip_layer} "
+                "before Perfusion Apply"
+            )
         patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock))
         trigger = check_trigger(concept.trigger)
         clip = clip.clone()

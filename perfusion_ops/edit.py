@@ -6,6 +6,7 @@ from the host's *current* ``W_K``, so a concept trained on one checkpoint follow
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +20,19 @@ LOCKS = ("local", "trained-k")  # global key lock is local lock plus a superclas
 
 @dataclass(frozen=True)
 class AppliedConcept:
-    """One concept as the user applied it: its gate (β, τ) and how its K pathway is set."""
+    """One concept as the user applied it: its gate (β, τ), how its K pathway is set, and a strength in [0, 2]
+    scaling its whole contribution (1: the paper's edit; 0: none; see :class:`ConceptStack`)."""
 
     concept: Concept
     beta: float
     tau: float
     lock: str = "local"
+    strength: float = 1.0
 
     def __post_init__(self):
         check_gate(self.beta, self.tau, what=f"concept '{self.concept.trigger}'")
+        if not (math.isfinite(self.strength) and 0.0 <= self.strength <= 2.0):
+            raise ConceptError(f"concept '{self.concept.trigger}': strength {self.strength} must be in [0, 2]")
         if self.lock not in LOCKS:
             raise ConceptError(f"unknown lock mode '{self.lock}' (choose {' or '.join(LOCKS)})")
         if self.lock == "trained-k" and not self.concept.trained_keys:
@@ -58,6 +63,7 @@ class JointEdit:
             torch.tensor([entry.beta for entry in applied]),
             torch.tensor([entry.tau for entry in applied]),
             gated=gated,
+            strength=[entry.strength for entry in applied],
         )
         self.shared = SharedContext(stack, torch.stack([c.superclass_encoding for c in concepts]))
         self.locked = torch.tensor([entry.lock == "local" for entry in applied])

@@ -32,14 +32,23 @@ class ConceptStack:
     thin matmuls. Solving with ``M`` itself (not a symmetrised G) keeps ``e⊥`` exactly orthogonal to every
     ``q_j`` even for concepts whose C estimates differ slightly. For J = 1, ``R = i / (i·q)``: Eq. 3's ``e⊥``.
     ``gated=False`` replaces the sigmoid by the linear ``s`` (Eq. 2, ROME's closed form).
+
+    ``strength`` (J,) scales each concept's whole term: the edit is ``h = W e + Σ_j s_j Δ_j`` with
+    ``Δ_j = g_j o_j − c_j W r_j`` (``c = e Qᵀ``, ``r_j`` the rows of R), i.e. ``e⊥ = e − (c ⊙ s) R`` and gates
+    ``s_j g_j``. s = 1 (the default) is the paper's edit, s = 0 leaves the host projection bit for bit.
     """
 
-    def __init__(self, inputs: Tensor, keys: Tensor, beta, tau, gated: bool = True):
+    def __init__(self, inputs: Tensor, keys: Tensor, beta, tau, gated: bool = True, strength=None):
         inputs, keys = inputs.detach().float(), keys.detach().float()
         if inputs.ndim != 2 or inputs.shape != keys.shape:
             raise ValueError(f"target inputs {tuple(inputs.shape)} and keys {tuple(keys.shape)} must both be (J, D)")
         beta = torch.as_tensor(beta, dtype=torch.float32).reshape(-1).expand(inputs.shape[0]).clone()
         tau = torch.as_tensor(tau, dtype=torch.float32).reshape(-1).expand(inputs.shape[0]).clone()
+        strengths = None if strength is None else torch.as_tensor(strength, dtype=torch.float32).reshape(-1)
+        if strengths is not None and (strengths.shape[0] != inputs.shape[0] or bool(torch.all(strengths == 1))):
+            if strengths.shape[0] != inputs.shape[0]:
+                raise ValueError(f"need one strength per concept ({inputs.shape[0]}), got {strengths.shape[0]}")
+            strengths = None  # all 1: the plain edit, without the extra products
         if not bool(torch.all(tau > 0)):
             raise ValueError(f"gate temperature τ must be > 0, got {tau.tolist()}")
         coupling = keys.double() @ inputs.double().T  # M_ab = q_a·i_b, J×J
@@ -48,6 +57,7 @@ class ConceptStack:
         except RuntimeError as err:  # singular M: two concepts with the same target input
             raise ValueError("concepts have linearly dependent target inputs; combine distinct concepts") from err
         self.inputs, self.keys, self.beta, self.tau, self.gated = inputs, keys, beta, tau, gated
+        self.strengths = strengths
         self.energy = torch.diagonal(coupling).float()  # ||i_j||²_{C⁻¹}
         self.basis = basis.float()  # R = M⁻ᵀ I
         self._device_copies: dict[torch.device, tuple[Tensor, ...]] = {}
@@ -55,21 +65,22 @@ class ConceptStack:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def tensors_on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(Q, energy, β, τ, R)`` on ``device``; copied once per device, as the host may move the model."""
+    def tensors_on(self, device: torch.device) -> tuple[Tensor, ...]:
+        """``(Q, energy, β, τ, R, strengths or None)`` on ``device``; copied once per device (hosts move models)."""
         if device not in self._device_copies:
-            self._device_copies[device] = tuple(
-                t.to(device) for t in (self.keys, self.energy, self.beta, self.tau, self.basis)
-            )
+            tensors = (self.keys, self.energy, self.beta, self.tau, self.basis, self.strengths)
+            self._device_copies[device] = tuple(None if t is None else t.to(device) for t in tensors)
         return self._device_copies[device]
 
     def split(self, e: Tensor) -> tuple[Tensor, Tensor]:
         """``(e⊥, g)`` in float32: the remainder of Eq. 10 and the gates of Eq. 3, for any ``(..., D)``."""
-        keys, energy, beta, tau, basis = self.tensors_on(e.device)
+        keys, energy, beta, tau, basis, strengths = self.tensors_on(e.device)
         e = e.float()
         projections = e @ keys.T  # e·q_j
         s = projections / energy
         gates = gate(s, beta, tau) if self.gated else s
+        if strengths is not None:
+            return e - (projections * strengths) @ basis, gates * strengths
         return e - projections @ basis, gates
 
     def remainder(self, e: Tensor) -> Tensor:

@@ -190,3 +190,23 @@ def test_invalid_stacks_are_refused():
         ConceptStack(inputs, keys, 0.7, 0.0)
     with pytest.raises(ValueError, match="linearly dependent"):
         ConceptStack(torch.cat([inputs[:1], inputs[:1]]), torch.cat([keys[:1], keys[:1]]), 0.7, 0.1)
+
+
+def test_strength_scales_each_concept_term_from_host_to_full_edit():
+    """strength 0 is the host projection bit for bit, 1 the paper's edit, and terms scale one concept at a time."""
+    cov, inputs, keys, outputs = concept_rows(2, seed=41)
+    w = torch.randn(OUT, D) / D**0.5
+    e = sample_encodings(cov, 20, seed=42).float()
+    e[3] = inputs[0].float()
+
+    def run(strength):
+        stack = ConceptStack(inputs.float(), keys.float(), 0.6, 0.15, strength=strength)
+        return EditedProjection(lambda x: x @ w.T, SharedContext(stack, torch.zeros(2, D)), outputs.float())(e)
+
+    host, full = e @ w.T, run(None)
+    assert torch.equal(run([0.0, 0.0]), host) and torch.equal(run([1.0, 1.0]), full)
+    only_a, only_b = run([1.0, 0.0]), run([0.0, 1.0])
+    blend = host + 0.3 * (only_a - host) + 0.7 * (only_b - host)
+    assert torch.allclose(run([0.3, 0.7]), blend, atol=1e-4)
+    with pytest.raises(ValueError, match="one strength per concept"):
+        ConceptStack(inputs.float(), keys.float(), 0.6, 0.15, strength=[1.0])

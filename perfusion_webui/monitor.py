@@ -1,0 +1,48 @@
+"""How far each concept's gate opened during a generation: the user's answer to "did my trigger fire?".
+
+Wraps the edit's :meth:`SharedContext.prepare` (once per context, shared by all projections) and keeps the
+largest gate value per concept, so the log can say ``hugsy: gate peaked at 0.97 (trigger present)`` or warn
+that a tagged concept never fired (trigger word missing from the prompt, CLIP skip, wrong checkpoint).
+"""
+from __future__ import annotations
+
+import torch
+
+from perfusion_ops.edit import JointEdit
+
+
+class GateMonitor:
+    def __init__(self, edit: JointEdit):
+        self.shared = edit.shared
+        self.peak = torch.zeros(len(edit.applied))
+        # with strengths the stack hands out s·g: report the gate itself (s = 0 is reported as off)
+        strengths = getattr(self.shared.stack, "strengths", None)
+        self.strengths = torch.ones(len(edit.applied)) if strengths is None else strengths.detach().float().cpu()
+        scale = torch.where(self.strengths > 0, self.strengths, torch.ones_like(self.strengths))
+        self.contexts = 0
+        self._last = None
+        prepare = self.shared.prepare
+
+        def monitored(context):
+            prepared = prepare(context)
+            if prepared is not self._last:  # a new context (the cache hands the same object to all 32 calls)
+                self._last = prepared
+                self.contexts += 1
+                if prepared.gates.numel():
+                    gates = prepared.gates.detach().float().amax(0).cpu() / scale
+                    self.peak = torch.maximum(self.peak, gates)
+            return prepared
+
+        self.shared.prepare = monitored
+
+    def report(self, names: list[str]) -> str:
+        if self.contexts == 0:
+            return "the edit saw no text context (nothing sampled?)"
+        parts = []
+        for name, peak, strength in zip(names, self.peak.tolist(), self.strengths.tolist()):
+            if strength == 0:
+                parts.append(f"{name}: strength 0 (off)")
+                continue
+            note = "" if peak >= 0.5 else " — below 0.5: is the trigger word in the prompt?"
+            parts.append(f"{name}: gate peaked at {peak:.2f}{note}")
+        return "; ".join(parts)
