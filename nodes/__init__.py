@@ -1,5 +1,6 @@
 """ComfyUI adapter: the only package that imports comfy.* (the maths lives in perfusion_ops)."""
 from . import folders
+from . import routes  # noqa: F401  (GET /perfusion/concept_info, for js/perfusion.js)
 from .inference import PerfusionApply, PerfusionExportEmbedding, PerfusionGlobalKeyLock, PerfusionLoadConcept
 from .train import PerfusionTrainConcept
 

@@ -6,8 +6,13 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def loss_chart(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
-    """``(1, H, W, 3)`` float image of the per-step loss (raw in grey, a running mean in blue)."""
+def loss_chart(losses: list[float]) -> torch.Tensor:
+    """``(1, H, W, 3)`` float IMAGE of the per-step loss (raw in grey, a running mean in blue)."""
+    return torch.from_numpy(np.asarray(loss_chart_image(losses), dtype=np.float32) / 255.0)[None]
+
+
+def loss_chart_image(losses: list[float], width: int = 512, height: int = 256) -> Image.Image:
+    """The loss chart as a PIL image (also sent as the node's live preview while training)."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     pad = 28
@@ -28,4 +33,4 @@ def loss_chart(losses: list[float], width: int = 512, height: int = 256) -> torc
         draw.text((4, pad), f"{high:.3g}", fill="black")
         draw.text((4, height - pad - 10), f"{low:.3g}", fill="black")
     draw.rectangle([pad, pad, width - pad, height - pad], outline=(0, 0, 0))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+    return image

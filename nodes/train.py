@@ -18,7 +18,7 @@ from ..perfusion_ops.files import safe_file_name
 from ..perfusion_ops.training import Sample, TrainSettings, Trainer, normalise_masks, prompts_for, run
 from .folders import save_dir
 from .inference import CATEGORY, CONCEPT
-from .loss_chart import loss_chart
+from .loss_chart import loss_chart, loss_chart_image
 from .tokenizer import check_trigger
 from .training_host import ComfyTrainingHost
 
@@ -180,12 +180,18 @@ class TrainingProgress:
     def __init__(self, steps, node_id, every, trainer, file_name):
         self.bar = comfy.utils.ProgressBar(steps)
         self.steps, self.node_id, self.every, self.trainer = steps, node_id, every, trainer
+        self.losses: list[float] = []
+        self.preview_every = max(1, steps // 25)
         stem = file_name[: -len(".safetensors")]
         self.checkpoint = os.path.join(save_dir(), f"{stem}-checkpoint.safetensors") if every else None
 
     def __call__(self, step: int, loss: float) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        self.bar.update_absolute(step, self.steps)
+        self.losses.append(loss)
+        preview = None
+        if step % self.preview_every == 0 or step == self.steps:  # the loss chart as the node's live preview
+            preview = ("JPEG", loss_chart_image(self.losses), 512)
+        self.bar.update_absolute(step, self.steps, preview)
         send("perfusion.train", {"node": self.node_id, "step": step, "steps": self.steps, "loss": loss})
         if self.checkpoint and step % self.every == 0:
             save_concept(self.trainer.concept(), self.checkpoint)

@@ -1,0 +1,126 @@
+"""Procedural checks on generated images, and the world's own feature extractor.
+
+Segmentation: the background is the median colour of the border pixels; object pixels differ from it by more
+than 60/255 in RGB distance. From the mask: centroid (position), area (size), and the majority colour of the
+object pixels (each pixel's nearest world colour or its dark shade). Shape and texture come from
+:class:`FeatureNet`, a small CNN trained on the renderer's own labels; its pooled 64-d features are also the
+space in which visual fidelity is measured (cosine similarity, the world's stand-in for CLIP image similarity).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import render as R
+
+_WORLD = np.array(list(R.COLOURS.values()), np.float32)
+_SHADES = np.concatenate([_WORLD, 0.45 * _WORLD])  # plain and dark (stripe/dot) shades
+_BG = np.array(list(R.BACKGROUNDS.values()), np.float32)
+_POS = np.array(list(R.POSITIONS.values()), np.float32)
+COLOUR_NAMES, BACKGROUND_NAMES, POSITION_NAMES = list(R.COLOURS), list(R.BACKGROUNDS), list(R.POSITIONS)
+SMALL_AREA = 125  # px: small objects cover ~70, large ~180-200
+
+
+def to_rgb255(images: Tensor) -> np.ndarray:
+    """(B, 3, 32, 32) in [-1, 1] → (B, 32, 32, 3) float in 0..255."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def analyse(images: Tensor) -> list[dict]:
+    """Per image: background name, object mask area, centroid, position, colour name (None without object)."""
+    out = []
+    for img in to_rgb255(images):
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        bg = np.median(border, 0)
+        mask = np.linalg.norm(img - bg, axis=-1) > 60
+        info = {"background": BACKGROUND_NAMES[int(np.argmin(np.linalg.norm(_BG - bg, axis=1)))],
+                "area": int(mask.sum()), "mask": mask, "colour": None, "position": None, "centroid": None}
+        if mask.sum() >= 8:
+            ys, xs = np.nonzero(mask)
+            c = np.array([xs.mean() + 0.5, ys.mean() + 0.5], np.float32)
+            info["centroid"] = c
+            info["position"] = POSITION_NAMES[int(np.argmin(np.linalg.norm(_POS - c, axis=1)))]
+            pixels = img[mask]
+            nearest = np.argmin(((pixels[:, None] - _SHADES[None]) ** 2).sum(-1), 1) % len(_WORLD)
+            info["colour"] = COLOUR_NAMES[int(np.bincount(nearest, minlength=len(_WORLD)).argmax())]
+            info["mean_rgb"] = pixels.mean(0)
+        out.append(info)
+    return out
+
+
+class FeatureNet(nn.Module):
+    """Small CNN: 64-d pooled features, heads for shape, texture, size, background and object RGB."""
+
+    HEADS = {"shape": len(R.SHAPES), "texture": len(R.TEXTURES), "size": len(R.SIZES),
+             "background": len(R.BACKGROUNDS), "rgb": 3}
+
+    def __init__(self):
+        super().__init__()
+        block = lambda cin, cout, stride: [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+        self.body = nn.Sequential(*block(3, 32, 1), *block(32, 48, 2), *block(48, 64, 2), *block(64, 96, 1))
+        self.project = nn.Linear(96, 64)
+        self.heads = nn.ModuleDict({name: nn.Linear(64, n) for name, n in self.HEADS.items()})
+
+    def features(self, images: Tensor) -> Tensor:
+        return F.silu(self.project(self.body(images).mean((2, 3))))
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        f = self.features(images)
+        return {name: head(f) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> dict[str, list[str]]:
+        out = self(images)
+        names = {"shape": R.SHAPES, "texture": R.TEXTURES, "size": list(R.SIZES), "background": list(R.BACKGROUNDS)}
+        return {k: [v[i] for i in out[k].argmax(1).tolist()] for k, v in names.items()}
+
+
+def feature_batch(rng, nprng: np.random.Generator, n: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Training data for FeatureNet: single objects of world or arbitrary colours, noise, some outlined."""
+    scenes, labels = [], {k: [] for k in FeatureNet.HEADS}
+    for _ in range(n):
+        if rng.random() < 0.5:
+            colour = rng.choice(list(R.COLOURS))
+        else:
+            colour = "rgb:" + ",".join(str(rng.randrange(256)) for _ in range(3))
+        thing = R.Thing(rng.choice(R.SHAPES), colour, rng.choice(R.TEXTURES), rng.choice(list(R.SIZES)),
+                        rng.choice(list(R.POSITIONS)))
+        scene = R.Scene((thing,), rng.choice(list(R.BACKGROUNDS)))
+        scenes.append(scene)
+        labels["shape"].append(R.SHAPES.index(thing.shape))
+        labels["texture"].append(R.TEXTURES.index(thing.texture))
+        labels["size"].append(list(R.SIZES).index(thing.size))
+        labels["background"].append(list(R.BACKGROUNDS).index(scene.background))
+        labels["rgb"].append([v / 127.5 - 1 for v in thing.rgb()])
+    images = np.stack([R.render(s, nprng, 2.5, outline=rng.random() < 0.3)[0] for s in scenes])
+    images = torch.from_numpy(images)
+    images = images + torch.randn(images.shape, generator=torch.Generator().manual_seed(rng.randrange(2**31))) \
+        * torch.rand(n, 1, 1, 1, generator=torch.Generator().manual_seed(rng.randrange(2**31))) * 0.12
+    return images.clamp(-1, 1), {k: torch.tensor(v) for k, v in labels.items()}
+
+
+def train_features(steps: int, seed: int, log=print) -> FeatureNet:
+    import random
+    torch.manual_seed(seed)
+    rng, nprng = random.Random(seed), np.random.default_rng(seed)
+    net = FeatureNet()
+    opt = torch.optim.AdamW(net.parameters(), 2e-3)
+    for step in range(1, steps + 1):
+        images, labels = feature_batch(rng, nprng, 64)
+        out = net(images)
+        loss = sum(F.cross_entropy(out[k], labels[k]) for k in ("shape", "texture", "size", "background"))
+        loss = loss + 4 * F.mse_loss(out["rgb"], labels["rgb"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            log(f"  features step {step}/{steps} loss {float(loss.detach()):.3f}")
+    return net.eval().requires_grad_(False)
+
+
+def cosine_fidelity(features: Tensor, references: Tensor) -> Tensor:
+    """Per generated image: mean cosine similarity of its features to every reference's (like CLIP-I)."""
+    a, b = F.normalize(features, dim=-1), F.normalize(references, dim=-1)
+    return (a @ b.T).mean(1)

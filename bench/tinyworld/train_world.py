@@ -1,0 +1,209 @@
+"""Train (once) and cache the world: the base text-to-image model, a fine-tuned copy, the feature net, and C.
+
+Seeded and reproducible for given :class:`WorldSettings` (one CPU thread gives bit-stable runs). The cache file
+is ``<cache>/world-<settings key>.safetensors``; a partial checkpoint is written while training runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from perfusion_ops.covariance import CovarianceEstimator
+
+from . import render as R
+from .measure import FeatureNet, train_features
+from .model import TinyUNet, cosine_alphas_cumprod, fold
+from .text import TextEncoder
+
+
+@dataclass(frozen=True)
+class WorldSettings:
+    seed: int = 0
+    captions: int = 5000  # caption pool (encoded once); unnamed attributes are redrawn at every use
+    steps: int = 700
+    batch: int = 64
+    lr: float = 2e-3
+    warmup: int = 50
+    ema: float = 0.995
+    c0: int = 32
+    c1: int = 64
+    uncond: float = 0.1  # caption dropout (classifier-free guidance)
+    finetune_steps: int = 100  # the second, fine-tuned world model (outlined objects)
+    finetune_batch: int = 32
+    finetune_lr: float = 5e-4
+    feature_steps: int = 250
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+class Captions:
+    """The caption pool, its encodings (fp16, variable length) and the empty caption's."""
+
+    def __init__(self, text: TextEncoder, count: int, seed: int, log=print):
+        rng = random.Random(seed)
+        pairs = [R.random_spec(rng) for _ in range(count)]
+        self.specs, self.texts = [p[0] for p in pairs], [p[1] for p in pairs]
+        self.encodings: list[torch.Tensor] = [None] * count  # type: ignore[list-item]
+        self.covariance = CovarianceEstimator(text.width)
+        order = sorted(range(count), key=lambda k: len(self.texts[k]))
+        start = time.time()
+        for n in range(0, count, 128):
+            idx = order[n: n + 128]
+            context, mask, _ = text.encode([self.texts[k] for k in idx])
+            for row, k in enumerate(idx):
+                self.encodings[k] = context[row, mask[row]].half()
+            self.covariance.update(context[mask])  # every real token position
+            if n % 2048 == 0:
+                log(f"  encoded {n}/{count} captions ({time.time() - start:.0f}s)")
+        self.empty = text.encode_plain([""])[0].half()
+
+    def batch(self, rng: random.Random, n: int, uncond: float, outline: bool = False):
+        """``(latents, context)`` of n random captions, images realised and rendered afresh."""
+        idx = [rng.randrange(len(self.specs)) for _ in range(n)]
+        scenes = [R.realise(self.specs[k], rng) for k in idx]
+        images, _ = R.render_batch(scenes, rng.randrange(2**31), outline=outline)
+        rows = [self.empty if rng.random() < uncond else self.encodings[k] for k in idx]
+        return fold(torch.from_numpy(images)), pad(rows)
+
+
+def pad(rows: list[torch.Tensor]) -> torch.Tensor:
+    length = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), length, rows[0].shape[-1])
+    for k, r in enumerate(rows):
+        out[k, : r.shape[0]] = r.float()
+    return out
+
+
+def diffusion_loss(unet, latents, context, alphas_cumprod, g: torch.Generator, min_snr: float | None = 5.0):
+    t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    err = (unet(noisy, t, context) - noise).square().mean((1, 2, 3))
+    if min_snr is not None:  # min-SNR-γ weighting for ε-prediction (Hang et al. 2023): faster convergence
+        snr = a.view(-1) / (1 - a.view(-1))
+        err = err * snr.clamp(max=min_snr) / snr
+    return err.mean()
+
+
+def train_unet(unet, captions: Captions, steps, batch, lr, warmup, ema_decay, seed, uncond, outline=False,
+               log=print, checkpoint=None, tag="world"):
+    """AdamW with warm-up and cosine decay; returns the EMA copy of the weights."""
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    alphas = cosine_alphas_cumprod()
+    opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=0.01)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    start, recent = time.time(), []
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
+        latents, context = captions.batch(rng, batch, uncond, outline)
+        loss = diffusion_loss(unet, latents, context, alphas, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        recent.append(float(loss.detach()))
+        if step % 50 == 0 or step == steps:
+            log(f"  {tag} step {step}/{steps} loss {np.mean(recent):.4f} ({time.time() - start:.0f}s)")
+            recent = []
+        if checkpoint and step % 200 == 0:
+            checkpoint(ema, step)
+    return ema
+
+
+def world_path(cache: Path, settings: WorldSettings) -> Path:
+    return Path(cache) / f"world-{settings.key()}.safetensors"
+
+
+def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=print) -> Path:
+    """Train everything the benchmark needs from nothing and write the cache file; returns its path."""
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = world_path(cache, settings)
+    timings = {}
+    t0 = time.time()
+    torch.manual_seed(settings.seed)
+    text = TextEncoder.pretrained()
+    log(f"[tinyworld] encoding {settings.captions} captions with all-MiniLM-L6-v2")
+    captions = Captions(text, settings.captions, settings.seed, log)
+    timings["captions_s"] = time.time() - t0
+
+    t = time.time()
+    log(f"[tinyworld] training the feature net ({settings.feature_steps} steps)")
+    features = train_features(settings.feature_steps, settings.seed + 1, log)
+    timings["features_s"] = time.time() - t
+
+    t = time.time()
+    unet = TinyUNet(settings.c0, settings.c1)
+    log(f"[tinyworld] training the world model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
+        f"{settings.steps} steps × {settings.batch}")
+    partial = path.with_suffix(".partial.safetensors")
+
+    def checkpoint(ema, step):
+        save_file({f"base.{k}": v.contiguous() for k, v in ema.items()}, str(partial), metadata={"step": str(step)})
+
+    base = train_unet(unet, captions, settings.steps, settings.batch, settings.lr, settings.warmup, settings.ema,
+                      settings.seed + 2, settings.uncond, log=log, checkpoint=checkpoint)
+    timings["world_s"] = time.time() - t
+
+    t = time.time()
+    log(f"[tinyworld] fine-tuning a copy on outlined objects ({settings.finetune_steps} steps)")
+    tuned = TinyUNet(settings.c0, settings.c1)
+    tuned.load_state_dict(base)
+    tuned_ema = train_unet(tuned, captions, settings.finetune_steps, settings.finetune_batch, settings.finetune_lr,
+                           10, 0.98, settings.seed + 3, settings.uncond, outline=True, log=log, tag="finetune")
+    timings["finetune_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
+    timings["cpu_s"] = time.process_time()
+
+    tensors = {**{f"base.{k}": v for k, v in base.items()}, **{f"finetuned.{k}": v for k, v in tuned_ema.items()},
+               **{f"features.{k}": v for k, v in features.state_dict().items()},
+               "covariance": captions.covariance.covariance().float(), "empty": captions.empty.float()}
+    meta = {"settings": json.dumps(asdict(settings)), "timings": json.dumps(timings),
+            "encodings": str(captions.covariance.count)}
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    partial.unlink(missing_ok=True)
+    log(f"[tinyworld] world cached in {path} ({timings['total_s'] / 60:.1f} min)")
+    return path
+
+
+@dataclass
+class World:
+    settings: WorldSettings
+    base: TinyUNet
+    finetuned: TinyUNet
+    features: FeatureNet
+    covariance: torch.Tensor
+    timings: dict
+
+
+def load_world(path: Path) -> World:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    settings = WorldSettings(**json.loads(meta["settings"]))
+
+    def part(prefix, module):
+        module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+        return module.eval().requires_grad_(False)
+
+    return World(settings, part("base", TinyUNet(settings.c0, settings.c1)),
+                 part("finetuned", TinyUNet(settings.c0, settings.c1)), part("features", FeatureNet()),
+                 tensors["covariance"].double(), json.loads(meta.get("timings", "{}")))
