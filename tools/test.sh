@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
+bash tools/setup_browser.sh  # chromium + playwright-core for tests/browser (apt, npm)
 set +e
 .venv/bin/python -m pytest -c tests/pytest.ini -q tests "$@"
 rc=$?

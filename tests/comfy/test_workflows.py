@@ -51,11 +51,21 @@ def object_info(comfy):
 
 
 @pytest.fixture(scope="module")
-def test_files(comfy, small_checkpoint, photo_name, concept_files):
-    """What file combos become: (class, input) -> a file the host lists; Load Concept nodes take the session's
-    concepts in turn (hugsy, zorbo), so the multi-concept workflow gets two different ones."""
-    return {"ckpt_name": [small_checkpoint.name], "image": [photo_name],
-            "concept_name": [concept_files["hugsy"], concept_files["zorbo"]]}
+def test_files(comfy, small_checkpoint, photo_name):
+    """What file combos become: input name -> files the host lists, used in turn. Load Concept nodes get two valid
+    random concepts for the small checkpoint's layers (hugsy, zorbo: the multi-concept workflow gets both);
+    training is covered by train_concept.json itself."""
+    from factories import random_concept
+    from smoke_checkpoint import attn2_layers
+
+    save = comfy.pack.perfusion_ops.concept_file.save_concept
+    names = []
+    for seed, (trigger, superclass) in enumerate((("hugsy", "teddy"), ("zorbo", "teapot"))):
+        concept = random_concept(seed=seed, layers=attn2_layers("small"), trigger=trigger, superclass=superclass)
+        names.append(f"workflow-{trigger}.safetensors")
+        save(concept, comfy.layout.folder("perfusion") / names[-1])
+    comfy.refresh_models()
+    return {"ckpt_name": [small_checkpoint.name], "image": [photo_name], "concept_name": names}
 
 
 def substitute(workflow: dict, object_info: dict, files: dict, tiny: bool) -> dict:
@@ -258,9 +268,9 @@ def test_workflow_runs_headless(path, comfy, object_info, test_files):
     wf = substitute(load(path), object_info, test_files, tiny=True)
     prompt = isolated(wa.to_api(wf, object_info), path.stem)
     result = comfy.run(prompt)
-    outputs = [k for k, n in prompt.items() if object_info[n["class_type"]].get("output_node")]
-    assert outputs and all(k in result.ui for k in outputs if n_outputs(prompt, k, object_info) == 0)
     assert all(result.outputs.get(k) is not None for k in prompt), "a node did not run"
+    shown = [k for k, n in prompt.items() if n["class_type"] in ("PreviewImage", "SaveImage")]
+    assert shown and all(result.ui.get(k, {}).get("images") for k in shown), "an image node showed nothing"
     for node_id, node in prompt.items():
         if node["class_type"] == "VAEDecode":
             image = result[node_id][0]
@@ -269,7 +279,3 @@ def test_workflow_runs_headless(path, comfy, object_info, test_files):
             saved = comfy.layout.folder("perfusion") / f"{TINY['PerfusionTrainConcept', 'save_name']}.safetensors"
             assert saved.is_file() and saved.stat().st_size < 64 * 1024
             assert result[node_id][0].trigger == "hugsy"
-
-
-def n_outputs(prompt, node_id, object_info):
-    return len(object_info[prompt[node_id]["class_type"]]["output"])
