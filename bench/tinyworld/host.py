@@ -29,6 +29,7 @@ class TinyWorldHost:
         self.unet, self.text = unet.requires_grad_(False), text
         self.layers = unet.cross_attention_layers()
         self.alphas_cumprod = cosine_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+        self.guidance = 3.0  # classifier-free guidance scale of :meth:`sample`
         self._modules = {(layer, path): getattr(unet.get_submodule(layer), f"to_{path}")
                          for layer in self.layers for path in "kv"}
 
@@ -86,19 +87,19 @@ class TinyWorldHost:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], applied: list[AppliedConcept] = (),
-               embeddings: list[Concept] = (), steps: int = 12, guidance: float = 3.0, batch: int = 64) -> Tensor:
+               embeddings: list[Concept] = (), steps: int = 12, guidance: float | None = None, batch: int = 64) -> Tensor:
         """Images for ``prompts`` (one per prompt, noise from its seed); ``applied`` concepts edit the UNet,
         ``embeddings`` only map trigger words (textual inversion)."""
         concepts = [a.concept for a in applied] + list(embeddings)
+        guidance = self.guidance if guidance is None else guidance
         uncond = self.text.encode_plain([""])
         images = []
         with self.applied(list(applied)):
             for start in range(0, len(prompts), batch):
                 chunk = prompts[start: start + batch]
                 context, _ = self.context(chunk, concepts)
-                noise = torch.stack([torch.randn(12, 16, 16, generator=torch.Generator().manual_seed(s))
-                                     for s in seeds[start: start + batch]])
-                images.append(ddim_sample(self.unet, context, uncond, self.alphas_cumprod, steps, guidance, noise=noise))
+                images.append(ddim_sample(self.unet, context, uncond, self.alphas_cumprod, steps, guidance,
+                                          seeds=list(seeds[start: start + batch])))
         return torch.cat(images)
 
 

@@ -2,9 +2,10 @@
 
 Segmentation: the background is the median colour of the border pixels; object pixels differ from it by more
 than 60/255 in RGB distance. From the mask: centroid (position), area (size), and the majority colour of the
-object pixels (each pixel's nearest world colour or its dark shade). Shape and texture come from
-:class:`FeatureNet`, a small CNN trained on the renderer's own labels; its pooled 64-d features are also the
-space in which visual fidelity is measured (cosine similarity, the world's stand-in for CLIP image similarity).
+object pixels (each pixel's nearest world colour or its dark shade), and the shape by template matching
+(:func:`template_shape`). Size and texture come from :class:`FeatureNet`, a small CNN trained on the renderer's own
+labels; its pooled 64-d features give a CLIP-I-like cosine similarity (reported, but dominated by background and
+size). Visual fidelity proper is :func:`colour_fidelity`, a direct pixel statistic of the object's colour make-up.
 """
 from __future__ import annotations
 
@@ -124,3 +125,50 @@ def cosine_fidelity(features: Tensor, references: Tensor) -> Tensor:
     """Per generated image: mean cosine similarity of its features to every reference's (like CLIP-I)."""
     a, b = F.normalize(features, dim=-1), F.normalize(references, dim=-1)
     return (a @ b.T).mean(1)
+
+
+_AREA_PER_R2 = {"circle": np.pi, "square": (2 * 0.82) ** 2, "diamond": 2 * 1.15 ** 2, "triangle": 1.75}
+
+
+def template_shape(mask: np.ndarray) -> str | None:
+    """Procedural shape check: the shape whose ideal mask (same area, at the centroid) overlaps ``mask`` best (IoU)."""
+    area = mask.sum()
+    if area < 8:
+        return None
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    best, best_iou = None, -1.0
+    for shape in R.SHAPES:
+        r = float(np.sqrt(area / _AREA_PER_R2[shape]))
+        # a triangle's centroid lies below its bounding-box centre (apex up): shift the template accordingly
+        dy = 0.25 * r if shape == "triangle" else 0.0
+        ideal = R.shape_mask(shape, cx, cy - dy, r).reshape(R.SIZE, 2, R.SIZE, 2).mean((1, 3)) > 0.5
+        iou = (ideal & mask).sum() / max(1, (ideal | mask).sum())
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
+
+
+# -- object colour fidelity: a direct pixel statistic ------------------------------------------------------------
+_OBJECT_BINS = {**R.COLOURS, **R.NOVEL_COLOURS}
+_BIN_RGB = np.array([c for rgb in _OBJECT_BINS.values() for c in (rgb, tuple(0.45 * v for v in rgb))], np.float32)
+_NEUTRAL = np.array([*R.BACKGROUNDS.values(), R.OUTLINE], np.float32)
+
+
+def colour_histograms(images: Tensor) -> np.ndarray:
+    """Per image, the normalised histogram of its object pixels over object colours and their dark shades.
+
+    Every pixel goes to its nearest colour among the object colours (world and novel, plain and dark shade), the
+    three backgrounds and the outline; background and outline pixels are dropped. An image without object
+    pixels gets an all-zero histogram."""
+    rgb = to_rgb255(images).reshape(len(images), -1, 3)
+    table = np.concatenate([_BIN_RGB, _NEUTRAL])
+    nearest = np.argmin(((rgb[..., None, :] - table) ** 2).sum(-1), -1)
+    hists = np.stack([np.bincount(n[n < len(_BIN_RGB)], minlength=len(_BIN_RGB)) for n in nearest]).astype(np.float32)
+    return hists / np.maximum(1.0, hists.sum(1, keepdims=True))
+
+
+def colour_fidelity(images: Tensor, references: Tensor) -> np.ndarray:
+    """Per generated image: histogram intersection of its object colours with the references' mean (0..1)."""
+    ref = colour_histograms(references).mean(0)
+    return np.minimum(colour_histograms(images), ref).sum(1)

