@@ -207,10 +207,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    @torch.no_grad()
     def evaluate(self, sample: Sample, noise: Tensor, timesteps: Tensor) -> float:
         """The loss on fixed ``(noise, timesteps)`` without moving ``i`` (for tests and learning curves)."""
-        with self.host.install(self.forwards()):
+        with self.host.install(self.forwards()), torch.no_grad():  # no_grad inside: install may re-enable grad
             return float(self.loss(sample, noise, timesteps, track=False))
 
 
