@@ -129,7 +129,7 @@ class PerfusionTrainConcept:
                 "masks": ("MASK", {"tooltip": "Optional soft masks of the concept (one, or one per image); the "
                                    "loss is weighted by mask / max(mask)."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
-                                           "Recompute UNet activations in backward: much less VRAM, ~30% slower."}),
+                                           "Recompute the UNet res blocks in backward: less VRAM, slower steps."}),
                 "trained_k": ("BOOLEAN", {"default": False, "tooltip":
                               "Ablation: learn the K targets too instead of locking them to the superclass."}),
                 "covariance_captions": ("INT", {"default": 20000, "min": 16, "max": 200000, "tooltip":

@@ -27,8 +27,10 @@ class SharedContext:
 
     The ``e_sup`` rows ride along in the host call so that a key-locked projection gets ``o_K = W_K e_sup``
     (Sec. 4.4) from the host's *current* weights — LoRA patches and fine-tunes included — at no extra call.
-    Entries are keyed on the context tensor itself (a strong reference, so its ``id`` cannot be reused);
-    a few slots cover CFG runs that send cond and uncond separately.
+    Entries are keyed on the context's storage and layout (``data_ptr``, shape, strides, dtype, device): autograd's
+    saved-tensor hooks (gradient checkpointing) may hand the same tensor back as a new Python object. The entry
+    keeps a strong reference to its context, so that storage cannot be freed and reused while cached; a few slots
+    cover CFG runs that send cond and uncond separately.
     """
 
     def __init__(self, stack: ConceptStack, superclass_encodings: Tensor, slots: int = 4):
@@ -37,18 +39,19 @@ class SharedContext:
         self.stack = stack
         self.anchors = superclass_encodings.detach().float()
         self.slots = slots
-        self._cache: OrderedDict[int, tuple[Tensor, Prepared]] = OrderedDict()
+        self._cache: OrderedDict[tuple, tuple[Tensor, Prepared]] = OrderedDict()
 
     def prepare(self, context: Tensor) -> Prepared:
         """``e⊥`` (Eq. 10) and gates (Eq. 3) of every token of ``context`` ``(..., D)``, computed once per context."""
-        hit = self._cache.get(id(context))
-        if hit is not None and hit[0] is context:
+        key = (context.data_ptr(), tuple(context.shape), context.stride(), context.dtype, context.device)
+        hit = self._cache.get(key)
+        if hit is not None:
             return hit[1]
         e_perp, gates = self.stack.split(context)
         flat = e_perp.reshape(-1, e_perp.shape[-1])
         rows = torch.cat([flat, self.anchors.to(flat.device)]).to(context.dtype)
         prepared = Prepared(rows, gates.reshape(flat.shape[0], -1), flat.shape[0])
-        self._cache[id(context)] = (context, prepared)
+        self._cache[key] = (context, prepared)
         while len(self._cache) > self.slots:
             self._cache.popitem(last=False)
         return prepared

@@ -149,3 +149,26 @@ def test_multi_token_superclass_follows_the_documented_rule(comfy, loaded):
         assert torch.allclose(e_sup, context[0, 5 + len(pieces) - 1], atol=1e-5)
         single_embedding, single = host.superclass("cat")
         assert torch.allclose(single, host.encode_plain(["a photo of a cat"])[0, 5], atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(comfy, loaded, monkeypatch):
+    model, clip, _ = loaded
+    pack = comfy.pack
+    training, host_mod = pack.perfusion_ops.training, pack.nodes.training_host
+    calls = []
+    original = host_mod.checkpoint
+    monkeypatch.setattr(host_mod, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    sample, timesteps = training.Sample(latents, None, ["a photo of a hugsy"] * 2), torch.tensor([300, 700])
+    grads = {}
+    with torch.inference_mode(False):
+        for checkpointing in (False, True):
+            host = host_mod.ComfyTrainingHost(model, clip, gradient_checkpointing=checkpointing)
+            trainer = training.Trainer(host, "hugsy", "cat", torch.eye(768), training.TrainSettings(steps=1))
+            with host.install(trainer.forwards()):
+                trainer.loss(sample, noise, timesteps, track=False).backward()
+            grads[checkpointing] = torch.cat([trainer.params.embedding.grad.flatten(),
+                                              *(p.grad for p in trainer.params.values)])
+    assert calls, "gradient checkpointing did not checkpoint anything"
+    assert torch.allclose(grads[True], grads[False], rtol=1e-5, atol=1e-7)
