@@ -33,13 +33,11 @@ def cross_attention_layers(model) -> dict[str, int]:
     }
 
 
-def text_width(model) -> int:
+def text_width(model, layers: dict[str, int]) -> int:
     """Width of the text encodings the model's cross-attention takes (768 for SD1.x)."""
-    unet = model.model.diffusion_model
-    layer = next(iter(cross_attention_layers(model)), None)
-    if layer is None:
+    if not layers:
         raise ValueError("this model has no cross-attention layers to edit")
-    return unet.get_submodule(layer).to_k.in_features
+    return model.model.diffusion_model.get_submodule(next(iter(layers))).to_k.in_features
 
 
 def applied_concepts(model) -> list[AppliedConcept]:
@@ -55,8 +53,9 @@ def apply_concept(model, entry: AppliedConcept):
 
     An earlier concept with the same trigger word is replaced, so applying a concept twice never doubles it."""
     concept = entry.concept
-    concept.check_width(text_width(model))
-    concept.check_layers(cross_attention_layers(model))
+    layers = cross_attention_layers(model)
+    concept.check_width(text_width(model, layers))
+    concept.check_layers(layers)
     trigger = concept.trigger.lower()
     entries = [e for e in applied_concepts(model) if e.concept.trigger.lower() != trigger] + [entry]
     edit = JointEdit(entries)

@@ -56,10 +56,6 @@ class SharedContext:
             self._cache.popitem(last=False)
         return prepared
 
-    def clear(self) -> None:
-        """Drop cached contexts (training calls this each step so no autograd graph outlives its step)."""
-        self._cache.clear()
-
 
 class EditedProjection:
     """One edited K or V projection: a drop-in for the host module's ``forward``.
