@@ -64,9 +64,13 @@ class PerfusionApply:
             "lock": (list(LOCKS), {"default": "local", "tooltip":
                      "local: the concept's keys follow its superclass in this model (key lock). trained-k: use "
                      "keys learned in training (only for concepts trained that way; less prompt-faithful)."}),
+        }, "optional": {  # optional: API prompts saved before this widget existed still validate
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip":
+                         "Scales the concept's whole edit: 0 = off (the trigger still gets the learned embedding), "
+                         "1 = as trained, above 1 = exaggerated. Unlike beta it does not change where the gate opens."}),
         }}
 
-    def apply(self, model, clip, concept, beta, tau, lock):
+    def apply(self, model, clip, concept, beta, tau, lock, strength=1.0):
         layer = clip.layer_idx if getattr(clip, "layer_idx", None) is not None else -1
         if layer != concept.clip_layer:
             raise ValueError(
@@ -74,7 +78,7 @@ class PerfusionApply:
                 f"{layer} (CLIP Set Last Layer): its gate would never open; set the layer to {concept.clip_layer} "
                 "before Perfusion Apply"
             )
-        patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock))
+        patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock, strength))
         trigger = check_trigger(concept.trigger)
         clip = clip.clone()
         clip.tokenizer = with_triggers(clip.tokenizer, {trigger: Trigger(concept.embedding, concept.superclass)})

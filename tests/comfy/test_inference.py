@@ -21,9 +21,9 @@ def loaded(comfy, small_checkpoint):
         return comfy.node("CheckpointLoaderSimple")().load_checkpoint(small_checkpoint.name)[:2]
 
 
-def apply(comfy, model, clip, concept, beta=0.7, tau=0.15):
+def apply(comfy, model, clip, concept, beta=0.7, tau=0.15, **optional):
     with torch.inference_mode():
-        return comfy.node("PerfusionApply")().apply(model, clip, concept, beta, tau, "local")
+        return comfy.node("PerfusionApply")().apply(model, clip, concept, beta, tau, "local", **optional)
 
 
 def projections(comfy, model, context):
@@ -108,6 +108,24 @@ def test_chaining_is_order_free_and_equals_the_core_joint_edit(comfy, loaded, co
         assert torch.allclose(got_ba[layer][0], k, atol=1e-5) and torch.allclose(got_ba[layer][1], v, atol=1e-5)
     again = apply(comfy, ab, clip, a, 0.6, 0.15)[0]  # the same concept again replaces, never doubles
     assert [e.concept.trigger for e in comfy.pack.nodes.patching.applied_concepts(again)] == ["zorbo", "hugsy"]
+
+
+def test_strength_scales_the_edit_linearly(comfy, loaded, concept_files):
+    model, clip = loaded
+    concept = concept_files.concept("hugsy")
+    context = torch.randn(1, 77, 768) * 0.5
+    context[0, 6] = concept.target_input  # gate open here
+    plain = projections(comfy, model, context)
+    got = {s: projections(comfy, apply(comfy, model, clip, concept, strength=s)[0], context) for s in (0.0, 0.5, 1.0)}
+    moved = 0.0
+    for layer, (k0, v0) in plain.items():
+        (k_off, v_off), (k_half, v_half), (k_full, v_full) = (got[s][layer] for s in (0.0, 0.5, 1.0))
+        assert torch.allclose(k_off, k0, atol=1e-5) and torch.allclose(v_off, v0, atol=1e-5), layer
+        assert torch.allclose(v_half, (v0 + v_full) / 2, atol=1e-5) and torch.allclose(k_half, (k0 + k_full) / 2, atol=1e-5)
+        moved = max(moved, float((v_full - v0).abs().max()))
+    assert moved > 1e-2, moved  # the full-strength edit really changed the output
+    with pytest.raises(Exception, match="strength"):
+        apply(comfy, model, clip, concept, strength=float("nan"))
 
 
 def test_lora_and_perfusion_compose(comfy, loaded, small_lora, concept_files):
