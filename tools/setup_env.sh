@@ -11,6 +11,7 @@ stamp=.venv/.requirements-stamp
 want=$(cat requirements*.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-bench.txt
   echo "$want" > "$stamp"
 fi
 .venv/bin/python tools/comfy_host.py --install

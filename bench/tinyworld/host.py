@@ -66,7 +66,7 @@ class TinyWorldHost:
                     self._modules[key].forward = old
 
     def predict_noise(self, noisy, timesteps, context):
-        return self.unet(noisy, timesteps, context)
+        return self.unet.predict_noise(noisy, timesteps, context, self.alphas_cumprod)
 
     # -- inference -----------------------------------------------------------------------------------------
     @contextlib.contextmanager

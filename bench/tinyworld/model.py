@@ -112,7 +112,19 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def sincos_2d(height: int, width: int, dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine position embedding (height·width, dim), as in MAE/DiT: x in one half, y in the other."""
+    quarter = dim // 4
+    freqs = 1.0 / 100 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freqs) for c in (xs, ys) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, 1)
+
+
 class SpatialTransformer(nn.Module):
+    """SD's SpatialTransformer plus a fixed position embedding on its tokens: queries know where they are, so a
+    word like "left" can be attended in one half only (SD1.5 gets this from its depth; this net is two levels)."""
+
     def __init__(self, ch: int, context_dim: int, heads: int, self_attention: bool = True):
         super().__init__()
         self.norm = _norm(ch)
@@ -122,7 +134,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, hh, ww = x.shape
-        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2) + sincos_2d(hh, ww, c).to(x)
         for block in self.transformer_blocks:
             h = block(h, context)
         return x + self.proj_out(h.transpose(1, 2).reshape(b, c, hh, ww))
@@ -163,7 +175,13 @@ class Step(nn.Sequential):
 class TinyUNet(nn.Module):
     """Two resolution levels (16×16: c0, 8×8: c1), a transformer with cross-attention after every ResBlock.
 
-    The 8×8 transformers of the up path have width c1 too, so cross-attention widths are c0 and c1."""
+    It predicts v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022, as SD2): an ε-loss weights the x₀ error by the SNR,
+    almost nothing at the high noise levels where layout is decided, and an ε-model of this size never learned
+    "on the left". :meth:`predict_noise` gives ε, which is what hosts, the sampler and Perfusion's loss use.
+
+    The 8×8 transformers of the up path have width c1 too, so cross-attention widths are c0 and c1. Two fixed
+    coordinate channels join the input (CoordConv): SD1.5 infers position from a deep receptive field over a 64×64
+    latent; a two-level net over 16×16 cannot, and without them "on the left" barely moves the object."""
 
     def __init__(self, c0: int = 32, c1: int = 64, context_dim: int = 384, heads: int = 32, in_ch: int = 3 * FOLD * FOLD):
         super().__init__()
@@ -174,7 +192,7 @@ class TinyUNet(nn.Module):
         # self-attention (attn1) at 8×8 only: at 16×16 it would cost more than the rest of the model on CPU
         st = lambda ch: SpatialTransformer(ch, context_dim, heads, self_attention=ch == c1)
         self.input_blocks = nn.ModuleList([
-            Step(nn.Conv2d(in_ch, c0, 3, padding=1)),
+            Step(nn.Conv2d(in_ch + 2, c0, 3, padding=1)),
             Step(ResBlock(c0, c0, temb), st(c0)),
             Step(Downsample(c0)),
             Step(ResBlock(c0, c1, temb), st(c1)),
@@ -191,7 +209,8 @@ class TinyUNet(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         hs = []
-        h = x
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, x.shape[2]), torch.linspace(-1, 1, x.shape[3]), indexing="ij")
+        h = torch.cat([x, torch.stack([xs, ys]).to(x).expand(x.shape[0], -1, -1, -1)], 1)
         for block in self.input_blocks:
             h = block(h, emb, context)
             hs.append(h)
@@ -200,6 +219,11 @@ class TinyUNet(nn.Module):
             h = block(torch.cat([h, hs.pop()], 1), emb, context)
         return self.out(h)
 
+    def predict_noise(self, x: Tensor, timesteps: Tensor, context: Tensor, alphas_cumprod: Tensor) -> Tensor:
+        """ε = √ᾱ v + √(1−ᾱ) x_t."""
+        a = alphas_cumprod.to(x)[timesteps].view(-1, 1, 1, 1)
+        return a.sqrt() * self(x, timesteps, context) + (1 - a).sqrt() * x
+
     def cross_attention_layers(self) -> dict[str, int]:
         """``{module path of each attn2: K/V output width}`` (the layers Perfusion edits)."""
         return {name: m.to_k.out_features for name, m in self.named_modules()
@@ -207,7 +231,7 @@ class TinyUNet(nn.Module):
 
 
 @torch.no_grad()
-def ddim_sample(unet: nn.Module, context: Tensor, uncond: Tensor, alphas_cumprod: Tensor, steps: int = 20,
+def ddim_sample(unet: TinyUNet, context: Tensor, uncond: Tensor, alphas_cumprod: Tensor, steps: int = 20,
                 guidance: float = 3.0, seed: int = 0, seeds: list[int] | None = None, eta: float = 1.0) -> Tensor:
     """DDIM with classifier-free guidance; returns images (B, 3, 32, 32) in [-1, 1].
 
@@ -230,7 +254,7 @@ def ddim_sample(unet: nn.Module, context: Tensor, uncond: Tensor, alphas_cumprod
     for k, t in enumerate(ts):
         a = alphas_cumprod[t]
         a_prev = alphas_cumprod[ts[k + 1]] if k + 1 < steps else torch.tensor(1.0)
-        eps_u, eps_c = unet(torch.cat([x, x]), t.repeat(2 * b), both).chunk(2)
+        eps_u, eps_c = unet.predict_noise(torch.cat([x, x]), t.repeat(2 * b), both, alphas_cumprod).chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()

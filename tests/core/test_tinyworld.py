@@ -72,6 +72,21 @@ def test_unet_has_sd_structure_and_masks_padding():
     assert sample.shape == (2, 3, 32, 32) and bool(torch.isfinite(sample).all())
 
 
+def test_v_prediction_gives_back_the_noise():
+    """The world model predicts v = √ᾱ ε − √(1−ᾱ) x₀; predict_noise must turn an exact v into the exact ε."""
+    alphas = cosine_alphas_cumprod()
+    x0, noise, t = torch.randn(3, 12, 16, 16), torch.randn(3, 12, 16, 16), torch.tensor([5, 500, 990])
+    a = alphas[t].view(-1, 1, 1, 1)
+
+    class Oracle(TinyUNet):
+        def forward(self, x, timesteps, context):
+            return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    got = Oracle(16, 32, context_dim=8, heads=16).predict_noise(noisy, t, torch.zeros(3, 2, 8), alphas)
+    assert torch.allclose(got, noise, atol=1e-5)
+
+
 def test_perfusion_trains_on_the_tiny_world_through_the_adapter(host):
     frozen = {k: v.clone() for k, v in host.unet.state_dict().items()}
     images, masks = concept_images(R.Thing("square", "teal", "striped", "large", "center"), "gray", 4, seed=0)
