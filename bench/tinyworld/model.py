@@ -180,8 +180,9 @@ class TinyUNet(nn.Module):
     "on the left". :meth:`predict_noise` gives ε, which is what hosts, the sampler and Perfusion's loss use.
 
     The 8×8 transformers of the up path have width c1 too, so cross-attention widths are c0 and c1. Two fixed
-    coordinate channels join the input (CoordConv): SD1.5 infers position from a deep receptive field over a 64×64
-    latent; a two-level net over 16×16 cannot, and without them "on the left" barely moves the object."""
+    coordinate channels join the input (CoordConv) and every transformer adds a position embedding: SD1.5 infers
+    position from a deep receptive field over a 64×64 latent, a two-level net over 16×16 cannot. (Measured at 700
+    steps: coordinates alone left "on the left" at chance, 0.15; the embedding on the attention tokens gave 0.71.)"""
 
     def __init__(self, c0: int = 32, c1: int = 64, context_dim: int = 384, heads: int = 32, in_ch: int = 3 * FOLD * FOLD):
         super().__init__()
