@@ -1,4 +1,4 @@
-"""A small ε-prediction text-to-image UNet with the SD1.5 UNet's structure, and its noise schedule and sampler.
+"""A small v-prediction text-to-image UNet with the SD1.5 UNet's structure, and its noise schedule and sampler.
 
 Pixel space: a 32×32 RGB image is folded 2×2 into a 16×16×12 "latent" (pixel unshuffle, lossless: the world's
 stand-in for a VAE). Blocks and module paths follow SD1.5 / ComfyUI's ``openaimodel`` (``input_blocks``,
