@@ -133,3 +133,21 @@ def test_pretrained_minilm_tokenises_the_world():
     assert slots == [5] and ids[0] == text.cls and ids[-1] == text.sep and text.unk not in ids[:5]
     context, mask, _ = text.encode(["a photo of a square", "image of the red circle on the left"])
     assert context.shape[-1] == 384 and bool((context[~mask] == 0).all())
+
+
+def test_lock_gain_compares_pareto_fronts():
+    """bench/tinyworld.py's lock_gain: a sweep that dominates gains, equal fronts give 0, a β sweep need not be monotone."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "bench" / "tinyworld.py"
+    spec = importlib.util.spec_from_file_location("tinyworld_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pts = lambda *fa: [{"fidelity": f, "alignment": a} for f, a in fa]
+    trained_k = pts((0.4, 0.8), (0.5, 0.6), (0.3, 0.9))
+    gain, reach = bench.front_gain(pts((0.4, 0.9), (0.5, 0.7), (0.3, 0.95)), trained_k)
+    assert gain == pytest.approx(0.1, abs=0.01) and reach == {"locked": 0.5, "trained-K": 0.5}
+    assert bench.front_gain(trained_k, trained_k)[0] == 0.0
+    # locked reaches further right; over [0.2, 0.5] the fronts differ by -0.1, 0 and +0.2 on equal thirds
+    gain, reach = bench.front_gain(pts((0.6, 0.8), (0.2, 0.5)), trained_k)
+    assert reach["locked"] == 0.6 and gain == pytest.approx(0.1 / 3, abs=0.01)
