@@ -18,6 +18,11 @@ CATEGORY = "perfusion"
 CONCEPT = "PERFUSION_CONCEPT"
 
 
+def clip_layer(clip) -> int:
+    """The hidden layer a ComfyUI CLIP encodes from (CLIP Set Last Layer; -1 when never set)."""
+    return clip.layer_idx if getattr(clip, "layer_idx", None) is not None else -1
+
+
 class PerfusionLoadConcept:
     DESCRIPTION = "Loads a Perfusion concept (.safetensors, a few dozen KB) from models/perfusion."
     CATEGORY = CATEGORY
@@ -71,13 +76,7 @@ class PerfusionApply:
         }}
 
     def apply(self, model, clip, concept, beta, tau, lock, strength=1.0):
-        layer = clip.layer_idx if getattr(clip, "layer_idx", None) is not None else -1
-        if layer != concept.clip_layer:
-            raise ValueError(
-                f"concept '{concept.trigger}' was trained on CLIP layer {concept.clip_layer} but this CLIP uses layer "
-                f"{layer} (CLIP Set Last Layer): its gate would never open; set the layer to {concept.clip_layer} "
-                "before Perfusion Apply"
-            )
+        concept.check_clip_layer(clip_layer(clip), f"set CLIP Set Last Layer to {concept.clip_layer} before Perfusion Apply")
         patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock, strength))
         trigger = check_trigger(concept.trigger)
         clip = clip.clone()

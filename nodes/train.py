@@ -17,7 +17,7 @@ from ..perfusion_ops.covariance import cached_covariance, estimate_covariance, r
 from ..perfusion_ops.files import safe_file_name
 from ..perfusion_ops.training import Sample, TrainSettings, Trainer, normalise_masks, prompts_for, run
 from .folders import save_dir
-from .inference import CATEGORY, CONCEPT
+from .inference import CATEGORY, CONCEPT, clip_layer
 from .loss_chart import loss_chart, loss_chart_image
 from .tokenizer import check_trigger
 from .training_host import ComfyTrainingHost
@@ -151,12 +151,12 @@ class PerfusionTrainConcept:
         settings = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr_values=lr_values,
                                  lr_embedding=lr_embedding, train_beta=train_beta, train_tau=train_tau,
                                  trained_k=trained_k, seed=seed).check()
-        clip_layer = clip.layer_idx if getattr(clip, "layer_idx", None) is not None else -1
+        layer = clip_layer(clip)
         latents, weights = prepare_data(vae, model, images, masks, resolution, flip)
         with torch.inference_mode(False):
-            host = ComfyTrainingHost(model, clip, clip_layer, gradient_checkpointing)
+            host = ComfyTrainingHost(model, clip, layer, gradient_checkpointing)
             inverse = inverse_covariance(host, captions_file, covariance_captions).to(host.device)
-            fields = {"encoder_fingerprint": host.encoder_fingerprint(), "clip_layer": clip_layer,
+            fields = {"encoder_fingerprint": host.encoder_fingerprint(), "clip_layer": layer,
                       "info": {"steps": str(steps), "images": str(images.shape[0]), "resolution": str(resolution)}}
             trainer = Trainer(host, trigger, superclass.strip(), inverse, settings, fields)
             latents = latents.detach().clone().to(host.device)

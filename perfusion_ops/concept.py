@@ -106,6 +106,15 @@ class Concept:
                 "use it with a checkpoint of the family it was trained on"
             )
 
+    def check_clip_layer(self, layer: int, remedy: str) -> None:
+        """Refuse encodings from another CLIP layer (clip skip) than the concept's: they never match ``i``, so the
+        gate (Eq. 3) would never open. ``remedy`` says how the host's user changes the layer."""
+        if layer != self.clip_layer:
+            raise ConceptError(
+                f"concept '{self.trigger}' was trained on CLIP layer {self.clip_layer} (clip skip {-self.clip_layer}) "
+                f"but this CLIP uses layer {layer} (clip skip {-layer}): its gate would never open; {remedy}"
+            )
+
     def check_layers(self, layer_widths: dict[str, int]) -> None:
         """Refuse a concept whose layers or output widths do not match the host's cross-attention layers."""
         missing = [layer for layer in self.value_outputs if layer not in layer_widths]

@@ -66,12 +66,8 @@ def activate(tags: list[PerfusionTag], library: ConceptLibrary, layer_widths: di
         name = next((n for n, p in library.files().items() if p == path), tag.name)
         concept = library.load(path, expected_width=text_width)
         concept.check_layers(layer_widths)
-        if clip_layer is not None and concept.clip_layer != clip_layer:
-            raise ConceptError(
-                f"concept '{name}' was trained on CLIP layer {concept.clip_layer} (clip skip {-concept.clip_layer}) "
-                f"but this generation uses layer {clip_layer} (clip skip {-clip_layer}): its gate would never open; "
-                f"set 'Clip skip' to {-concept.clip_layer}"
-            )
+        if clip_layer is not None:
+            concept.check_clip_layer(clip_layer, f"set 'Clip skip' to {-concept.clip_layer} (file '{name}')")
         other = triggers.get(concept.trigger.lower())
         if other is not None:
             raise ConceptError(f"concepts '{other}' and '{name}' share the trigger word '{concept.trigger}'")

@@ -104,6 +104,13 @@ def test_concept_for_another_text_encoder_width_is_refused(tmp_path):
         load_concept(path, expected_width=768)
 
 
+def test_concept_for_another_clip_layer_is_refused_with_the_hosts_remedy(concept):
+    concept.check_clip_layer(concept.clip_layer, "unused")
+    with pytest.raises(ConceptError, match=rf"layer {concept.clip_layer} .* but this CLIP uses layer -2 \(clip skip 2\)"
+                                           r".*never open; raise it"):
+        concept.check_clip_layer(-2, "raise it")
+
+
 def test_save_is_atomic_and_never_destroys_the_earlier_file(tmp_path, concept, monkeypatch):
     path = save_concept(concept, tmp_path / "hugsy.safetensors")
     before = path.read_bytes()
