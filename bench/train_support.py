@@ -2,7 +2,6 @@
 a Perfusion trainer on it, and a baseline step with the same trainable parameter count."""
 from __future__ import annotations
 
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -53,7 +52,6 @@ class Steps:
             k, v = self.host.project(l, "k"), self.host.project(l, "v")
             self.baseline_forwards[l, "k"] = k
             self.baseline_forwards[l, "v"] = lambda x, v=v, b=self.biases[l]: v(x) + b.to(x.dtype)
-        self.rng = random.Random(0)
 
     def count(self) -> tuple[int, int]:
         """Trainable parameters: (Perfusion, baseline)."""

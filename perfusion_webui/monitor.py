@@ -14,11 +14,10 @@ from perfusion_ops.edit import JointEdit
 class GateMonitor:
     def __init__(self, edit: JointEdit):
         self.shared = edit.shared
-        self.peak = torch.zeros(len(edit.applied))
         # with strengths the stack hands out s·g: report the gate itself (s = 0 is reported as off)
-        strengths = getattr(self.shared.stack, "strengths", None)
-        self.strengths = torch.ones(len(edit.applied)) if strengths is None else strengths.detach().float().cpu()
-        scale = torch.where(self.strengths > 0, self.strengths, torch.ones_like(self.strengths))
+        self.strengths = torch.tensor([entry.strength for entry in edit.applied], dtype=torch.float32)
+        self._scale = torch.where(self.strengths > 0, self.strengths, torch.ones_like(self.strengths))
+        self.peak = torch.zeros(len(edit.applied))
         self.contexts = 0
         self._last = None
         prepare = self.shared.prepare
@@ -29,8 +28,10 @@ class GateMonitor:
                 self._last = prepared
                 self.contexts += 1
                 if prepared.gates.numel():
-                    gates = prepared.gates.detach().float().amax(0).cpu() / scale
-                    self.peak = torch.maximum(self.peak, gates)
+                    gates = prepared.gates.detach().float().amax(0)
+                    if self.peak.device != gates.device:  # move once; the peak stays there: no sync per UNet call
+                        self.peak, self._scale = self.peak.to(gates.device), self._scale.to(gates.device)
+                    self.peak = torch.maximum(self.peak, gates / self._scale)
             return prepared
 
         self.shared.prepare = monitored
@@ -39,7 +40,7 @@ class GateMonitor:
         if self.contexts == 0:
             return "the edit saw no text context (nothing sampled?)"
         parts = []
-        for name, peak, strength in zip(names, self.peak.tolist(), self.strengths.tolist()):
+        for name, peak, strength in zip(names, self.peak.cpu().tolist(), self.strengths.tolist()):
             if strength == 0:
                 parts.append(f"{name}: strength 0 (off)")
                 continue
