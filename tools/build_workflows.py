@@ -23,7 +23,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-from workflow_api import object_info_from_server, spec_options, spec_type, widgets_of  # noqa: E402
+from workflow_api import (combo_values, input_specs, is_widget, object_info_from_server, spec_options,  # noqa: E402
+                          spec_type, widgets_of)
 
 OUT_DIR = REPO / "workflows"
 SD15 = "v1-5-pruned-emaonly.safetensors"
@@ -88,13 +89,13 @@ class Workflow:
             size: tuple[float, float] | None = None, **values: Any) -> Node:
         """A ComfyUI node; keyword arguments are widget values (by input name) or ``Out``/``Primitive`` wires."""
         info = self.info[kind]
-        specs = {**info["input"].get("required", {}), **(info["input"].get("optional") or {})}
+        specs = input_specs(info)
         unknown = set(values) - set(specs)
         if unknown:
             raise KeyError(f"{kind} has no input(s) {sorted(unknown)}")
         inputs, widget_values = [], []
         for name, spec in specs.items():
-            if spec_type(spec) not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+            if not is_widget(spec):
                 inputs.append({"name": name, "type": spec[0], "link": None})
         for w in widgets_of(info):
             if w.extra == "control":
@@ -149,9 +150,7 @@ class Workflow:
 
     # -- wires and groups
     def connect(self, src: Out | Primitive, dst: Node, name: str) -> None:
-        info = self.info[dst.kind]
-        specs = {**info["input"].get("required", {}), **(info["input"].get("optional") or {})}
-        spec = specs[name]
+        spec = input_specs(self.info[dst.kind])[name]
         link_id = len(self.links) + 1
         if isinstance(src, Primitive):
             origin, slot = src, 0
@@ -165,7 +164,7 @@ class Workflow:
         else:
             origin, slot = src.node, src.slot
             kind = origin.data["outputs"][slot]["type"]
-        if isinstance(src, Primitive) or spec_type(spec) in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+        if isinstance(src, Primitive) or is_widget(spec):
             if kind != spec_type(spec):
                 raise TypeError(f"{origin.kind}[{slot}] is {kind}, widget {dst.kind}.{name} is {spec_type(spec)}")
             dst.data["inputs"].append({"name": name, "type": spec_type(spec), "link": link_id,
@@ -215,7 +214,7 @@ def _default(spec) -> Any:
         return opts["default"]
     kind = spec_type(spec)
     if kind == "COMBO":
-        values = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
+        values = combo_values(spec)
         return values[0] if values else ""
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
 
