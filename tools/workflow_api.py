@@ -108,32 +108,32 @@ def widgets_of(info: dict) -> list[Widget]:
     return widgets
 
 
-def widget_values(node: dict, info: dict) -> dict[str, Any]:
-    """``{input name: value}`` of a UI node's widgets (control and upload slots dropped).
+def _widget_positions(values: list, info: dict):
+    """``(input name, index into values)`` of a UI node's list of widget values, control and upload slots skipped.
 
     Tolerant of the two front ends: a control slot is consumed only if the value there is a control word, so a
     workflow saved by a front end that adds no control widget after a seed still maps correctly."""
+    position = 0
+    for w in widgets_of(info):
+        if position >= len(values):
+            return
+        if w.extra == "control":
+            if isinstance(values[position], str) and values[position] in CONTROL_VALUES:
+                position += 1
+            continue
+        if w.extra != "upload":  # the upload button's label ("image") is not an input
+            yield w.name, position
+        position += 1
+
+
+def widget_values(node: dict, info: dict) -> dict[str, Any]:
+    """``{input name: value}`` of a UI node's widgets (control and upload slots dropped)."""
     values = node.get("widgets_values")
     if values is None:
         return {}
     if isinstance(values, dict):  # some newer nodes save {name: value}
         return {w.name: values[w.name] for w in widgets_of(info) if w.name and w.name in values}
-    out: dict[str, Any] = {}
-    position = 0
-    for w in widgets_of(info):
-        if position >= len(values):
-            break
-        value = values[position]
-        if w.extra == "control":
-            if isinstance(value, str) and value in CONTROL_VALUES:
-                position += 1
-            continue
-        if w.extra == "upload":  # the upload button's label ("image"): not an input
-            position += 1
-            continue
-        out[w.name] = value
-        position += 1
-    return out
+    return {name: values[position] for name, position in _widget_positions(values, info)}
 
 
 def set_widget(node: dict, name: str, value: Any, info: dict) -> None:
@@ -142,21 +142,10 @@ def set_widget(node: dict, name: str, value: Any, info: dict) -> None:
     if isinstance(values, dict):
         values[name] = value
         return
-    position = 0
-    for w in widgets_of(info):
-        if position >= len(values):
-            break
-        if w.extra == "control":
-            if isinstance(values[position], str) and values[position] in CONTROL_VALUES:
-                position += 1
-            continue
-        if w.extra == "upload":
-            position += 1
-            continue
-        if w.name == name:
+    for widget, position in _widget_positions(values, info):
+        if widget == name:
             values[position] = value
             return
-        position += 1
     raise WorkflowError(f"node {node.get('id')} ({node.get('type')}) has no widget '{name}'")
 
 
