@@ -10,17 +10,13 @@ from ..perfusion_ops.concept_file import export_embedding, load_concept
 from ..perfusion_ops.edit import LOCKS, AppliedConcept
 from ..perfusion_ops.files import safe_file_name
 from .folders import FOLDER
+from .clip_layer import clip_layer, guard_clip_layer
 from .keylock import KEYS
 from .patching import apply_concept
-from .tokenizer import Trigger, check_trigger, replace_triggers, triggers_of, with_triggers
+from .tokenizer import check_trigger, concepts_of, replace_triggers, with_concepts
 
 CATEGORY = "perfusion"
 CONCEPT = "PERFUSION_CONCEPT"
-
-
-def clip_layer(clip) -> int:
-    """The hidden layer a ComfyUI CLIP encodes from (CLIP Set Last Layer; -1 when never set)."""
-    return clip.layer_idx if getattr(clip, "layer_idx", None) is not None else -1
 
 
 class PerfusionLoadConcept:
@@ -80,7 +76,8 @@ class PerfusionApply:
         patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock, strength))
         trigger = check_trigger(concept.trigger)
         clip = clip.clone()
-        clip.tokenizer = with_triggers(clip.tokenizer, {trigger: Trigger(concept.embedding, concept.superclass)})
+        clip.tokenizer = with_concepts(clip.tokenizer, {trigger: concept})
+        guard_clip_layer(clip)
         return patched, clip
 
 
@@ -104,11 +101,11 @@ class PerfusionGlobalKeyLock:
         }}
 
     def encode(self, clip, text):
-        triggers = triggers_of(clip.tokenizer)
-        if not triggers:
+        concepts = concepts_of(clip.tokenizer)
+        if not concepts:
             raise ValueError("this CLIP has no Perfusion concepts: connect the CLIP output of Perfusion Apply")
         cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-        superclass_text = replace_triggers(text, {w: t.superclass for w, t in triggers.items()})
+        superclass_text = replace_triggers(text, {w: c.superclass for w, c in concepts.items()})
         keys, _ = clip.encode_from_tokens(clip.tokenize(superclass_text), return_pooled=True)
         if keys.shape != cond.shape:
             raise ValueError(

@@ -17,7 +17,8 @@ from ..perfusion_ops.covariance import cached_covariance, estimate_covariance, r
 from ..perfusion_ops.files import safe_file_name
 from ..perfusion_ops.training import Sample, TrainSettings, Trainer, normalise_masks, prompts_for, run
 from .folders import save_dir
-from .inference import CATEGORY, CONCEPT, clip_layer
+from .clip_layer import clip_layer
+from .inference import CATEGORY, CONCEPT
 from .loss_chart import loss_chart, loss_chart_image
 from .tokenizer import check_trigger
 from .training_host import ComfyTrainingHost

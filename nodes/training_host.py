@@ -8,6 +8,7 @@ so the models are bit-identical (the same tensor objects) afterwards. The text e
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -65,17 +66,23 @@ def forwards_installed(modules: dict, forwards: dict):
                 modules[key].forward = old
 
 
+def load_for_training(model) -> None:
+    """Load the whole UNet onto its device as ComfyUI's own trainer does (``comfy_extras/nodes_train.py``): other
+    models are unloaded first, and no weight is left offloaded (backward needs them all). The 2024 tree's
+    ``load_models_gpu`` has no ``force_full_load``; it loads fully whenever the model fits."""
+    load = comfy.model_management.load_models_gpu
+    options = {"memory_required": 1e20, "force_full_load": True}
+    load([model], **{k: v for k, v in options.items() if k in inspect.signature(load).parameters})
+
+
 class ComfyTrainingHost:
     """TrainingHost (see ``perfusion_ops.training``) for an SD1.x ModelPatcher and CLIP, on the model's device."""
 
     def __init__(self, model, clip, clip_layer: int = -1, gradient_checkpointing: bool = False):
-        comfy.model_management.load_models_gpu([model])
-        clip.load_model()
         self.model, self.clip = model, clip
-        self.unet = model.model.diffusion_model
-        self.device = next(self.unet.parameters()).device
+        self.device = model.load_device
+        clip.load_model()  # its weights are copied below; loading the UNet may then offload it
         self.dtype = model.model.get_dtype()
-        self.layers = cross_attention_layers(model)
         sigmas = model.model.model_sampling.sigmas.detach().float().cpu()
         self.alphas_cumprod = 1 / (1 + sigmas.square())
         self.clip_layer = clip_layer
@@ -86,6 +93,9 @@ class ComfyTrainingHost:
         with torch.inference_mode(False):
             weights = {k: v.detach().to(self.device, torch.float32).clone() for k, v in text_model.state_dict().items()}
         self.text = ClipTextForward(weights)
+        load_for_training(model)
+        self.unet = model.model.diffusion_model
+        self.layers = cross_attention_layers(model)
         self._modules = {(layer, path): getattr(self.unet.get_submodule(layer), f"to_{path}")
                          for layer in self.layers for path in "kv"}
 

@@ -265,7 +265,13 @@ class Host:
 
     # -- running prompts
     def new_executor(self):
-        return self.execution.PromptExecutor(self.prompt_server)
+        """An executor as main.py builds one. Trees since 2025 take a cache type and ``cache_args``; the classic
+        cache keeps every node output of the last prompt, as the 2024 tree does."""
+        params = inspect.signature(self.execution.PromptExecutor).parameters
+        if "cache_args" not in params:
+            return self.execution.PromptExecutor(self.prompt_server)
+        return self.execution.PromptExecutor(self.prompt_server, cache_type=self.execution.CacheType.CLASSIC,
+                                             cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     def validate(self, prompt: dict) -> list:
         """ComfyUI's own validation; returns the output node ids or raises with every node error."""
@@ -301,11 +307,12 @@ class Host:
         return RunResult(prompt_id, {k: self._node_output(ex, k) for k in prompt},
                          self._ui_outputs(ex), list(ex.status_messages))
 
-    @staticmethod
-    def _node_output(ex, node_id):
+    def _node_output(self, ex, node_id):
         """The node's return tuple (one value per output slot), from the executor's cache of either tree."""
         if hasattr(ex, "caches"):
             data = ex.caches.outputs.get(node_id)
+            if inspect.isawaitable(data):  # 2026 trees: the cache is async
+                data = self.loop.run_until_complete(data)
             data = getattr(data, "outputs", data)  # later trees wrap it in a CacheEntry
         else:
             data = ex.outputs.get(node_id)
