@@ -9,3 +9,13 @@ REPO = Path(__file__).resolve().parents[1]
 for path in (str(REPO), str(REPO / "tests")):
     if path not in sys.path:
         sys.path.append(path)
+
+
+def pytest_report_header(config):
+    """Which ComfyUI tree the host tests run against (the CI log shows one run per tree)."""
+    sys.path.append(str(REPO / "tools"))
+    import comfy_host  # stdlib only
+    try:
+        return f"ComfyUI test host: {comfy_host.tree_label(comfy_host.comfy_root())}"
+    except RuntimeError as err:
+        return f"ComfyUI test host: none ({err})"

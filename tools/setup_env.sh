@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fresh-machine set-up: .venv/ with the test/benchmark requirements, and a real ComfyUI test host under .cache/.
+# Fresh-machine set-up: .venv/ with the test/benchmark requirements and the 2024-03 ComfyUI test host, plus the current
+# ComfyUI (v0.33.0) under .cache/ with a venv of its own where ../shared/hosts/ holds it.
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,10 +9,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.requirements-stamp
-want=$(cat requirements*.txt | sha256sum | cut -c1-16)
+want=$(cat requirements.txt requirements-dev.txt requirements-host.txt requirements-bench.txt | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-bench.txt
   echo "$want" > "$stamp"
 fi
 .venv/bin/python tools/comfy_host.py --install
+# rc 3: ../shared/hosts is absent (a user's clone); tools/test.sh says so and skips that tree
+.venv/bin/python tools/comfy_host.py --install-current || [ $? -eq 3 ]

@@ -3,7 +3,7 @@
 A UI workflow stores each node's widget values as a positional list (``widgets_values``) and its connections as
 link records; the API format names every input. The mapping needs the node definitions (``/object_info``, or
 :func:`object_info_in_process` on an in-process host), and reproduces what the front end's ``graphToPrompt``
-sends (the browser test compares the two on every workflow in ``workflows/``):
+sends (the browser test compares the two on every workflow in ``example_workflows/``):
 
 * widgets are the inputs whose type is a combo list, ``COMBO``, INT, FLOAT, STRING or BOOLEAN, in definition
   order (required, then optional); a seed widget (INT named ``seed``/``noise_seed``, or with

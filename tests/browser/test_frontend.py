@@ -2,7 +2,7 @@
 
 The route and the served script are checked over HTTP. The browser test drives ComfyUI's own bundled web UI in
 headless Chromium (Debian's package, through playwright-core; set up by tools/setup_browser.sh, skipped with the
-reason when absent): it loads every workflow in workflows/ (no missing nodes; the prompt the UI would queue equals
+reason when absent): it loads every workflow in example_workflows/ (no missing nodes; the prompt the UI would queue equals
 tools/workflow_api.py's conversion), queues train_concept.json with tiny settings through the Queue button and
 checks the live loss chart and step counter, then checks the trigger/superclass/β-τ labels on Load Concept and
 Apply. Screenshots go to .cache/artifacts/browser/.
@@ -25,7 +25,7 @@ import comfy_host  # noqa: E402
 import workflow_api as wa  # noqa: E402
 
 JS = REPO / "js" / "perfusion.js"
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 TRAIN_STEPS = 3
 TRAINED = "hugsy-browser"
 

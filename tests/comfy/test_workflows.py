@@ -1,4 +1,4 @@
-"""The example workflows (workflows/*.json, UI format) against a real ComfyUI: well-formed, every node type and
+"""The example workflows (example_workflows/*.json, UI format) against a real ComfyUI: well-formed, every node type and
 link and widget value accepted by the host's node definitions, reproducible by tools/build_workflows.py, and each
 one, converted by tools/workflow_api.py, runs to completion headless on the small random SD1.5 checkpoint.
 
@@ -19,7 +19,7 @@ import workflow_api as wa  # tests/comfy/conftest.py puts tools/ on sys.path
 from build_workflows import build_all, dumps
 
 REPO = Path(__file__).resolve().parents[2]
-FOLDER = REPO / "workflows"
+FOLDER = REPO / "example_workflows"
 EXPECTED = {"train_concept", "single_concept", "global_key_lock", "multi_concept", "strength_sweep",
             "finetuned_transfer"}
 WORKFLOWS = sorted(FOLDER.glob("*.json"))
@@ -202,7 +202,7 @@ def test_widget_values_fit_the_node_definitions(path, object_info, test_files, c
 def test_builder_reproduces_the_committed_files(object_info):
     built = build_all(object_info)
     stale = [name for name, wf in built.items() if (FOLDER / f"{name}.json").read_text() != dumps(wf)]
-    assert not stale, f"workflows/ differ from tools/build_workflows.py: {stale} (run it and commit the result)"
+    assert not stale, f"example_workflows/ differ from tools/build_workflows.py: {stale} (run it and commit the result)"
 
 
 # ------------------------------------------------------------------------------------------ the converter
