@@ -2,12 +2,17 @@
 
 Each workflow is a short spec below: nodes by class name with their widget values and connections by output
 name. The node definitions (``/object_info``) supply everything else: widget order, defaults, the seed
-"control_after_generate" slots, input and output types. So the files stay consistent with the nodes, and
-``tests/comfy/test_workflows.py`` checks that the committed files equal what this script builds.
+"control_after_generate" slots, input and output types. The pack's own nodes are read from the host; ComfyUI's core
+nodes from ``workflow_core_nodes.json`` beside this file, their definitions as pinned from the 2024-03 tree, so the
+files do not change with a host's core widget layout (v0.33 gives Preview Image an output, for instance; the front
+end reconciles such differences when it loads a file). ``tests/comfy/test_workflows.py`` checks that the committed
+files equal what this script builds, and, separately in each tree, that they validate and run there. Each workflow
+gets a ``.jpg`` thumbnail of its graph, which the template browser of current ComfyUI shows.
 
-    .venv/bin/python tools/build_workflows.py                 # in-process ComfyUI host, writes example_workflows/*.json
+    .venv/bin/python tools/build_workflows.py                 # in-process ComfyUI host, writes example_workflows/
     .venv/bin/python tools/build_workflows.py --check         # exit 1 if a committed file differs
     .venv/bin/python tools/build_workflows.py --server http://127.0.0.1:8188
+    .venv/bin/python tools/build_workflows.py --pin-core      # re-pin the core node definitions from the host
 
 File names in the workflows are the ones a user has (``v1-5-pruned-emaonly.safetensors``, ``hugsy.safetensors``);
 tests substitute their own files.
@@ -25,8 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from workflow_api import (combo_values, input_specs, is_widget, object_info_from_server, spec_options,  # noqa: E402
                           spec_type, widgets_of)
+from workflow_thumbnail import thumbnail  # noqa: E402
 
 OUT_DIR = REPO / "example_workflows"
+CORE_NODES = REPO / "tools" / "workflow_core_nodes.json"
+PACK_PREFIX = "Perfusion"  # the pack's node class names; every other class is a core node
 SD15 = "v1-5-pruned-emaonly.safetensors"
 INKPUNK = "Inkpunk-Diffusion-v2.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
@@ -450,8 +458,21 @@ WORKFLOWS = {
 
 
 # ------------------------------------------------------------------------------------------------- output
+def layout_info(object_info: dict) -> dict:
+    """The definitions the workflows are built from: the pack's nodes from ``object_info``, core nodes pinned."""
+    pinned = json.loads(CORE_NODES.read_text(encoding="utf-8"))
+    return {**pinned, **{k: v for k, v in object_info.items() if k.startswith(PACK_PREFIX)}}
+
+
+def pin_core(object_info: dict) -> dict:
+    """The core node definitions the workflows use, taken from ``object_info`` (what ``--pin-core`` writes)."""
+    used = {node["type"] for build in WORKFLOWS.values() for node in build(object_info)["nodes"]}
+    return {k: object_info[k] for k in sorted(used) if k in object_info and not k.startswith(PACK_PREFIX)}
+
+
 def build_all(object_info: dict) -> dict[str, dict]:
-    return {name: build(object_info) for name, build in WORKFLOWS.items()}
+    info = layout_info(object_info)
+    return {name: build(info) for name, build in WORKFLOWS.items()}
 
 
 def dumps(workflow: dict) -> str:
@@ -474,6 +495,25 @@ def dumps(workflow: dict) -> str:
     return enc(workflow, 0) + "\n"
 
 
+def stale_files(built: dict[str, dict], folder: Path) -> list[str]:
+    """Names of workflow files (and thumbnails) in ``folder`` that differ from ``built``.
+
+    A thumbnail counts as current when its pixels are within JPEG noise of a fresh drawing (encoders may differ)."""
+    import numpy as np
+    from PIL import Image
+
+    stale = []
+    for name, workflow in built.items():
+        path, jpg = folder / f"{name}.json", folder / f"{name}.jpg"
+        if not path.is_file() or path.read_text(encoding="utf-8") != dumps(workflow):
+            stale.append(path.name)
+        want = np.asarray(thumbnail(workflow), dtype=np.float32)
+        have = np.asarray(Image.open(jpg).convert("RGB"), dtype=np.float32) if jpg.is_file() else None
+        if have is None or have.shape != want.shape or np.abs(have - want).mean() > 4:
+            stale.append(jpg.name)
+    return stale
+
+
 def host_object_info() -> dict:
     """/object_info of an in-process ComfyUI test host with this pack loaded (tools/comfy_host.py)."""
     import comfy_host
@@ -489,6 +529,7 @@ def main(argv=None) -> int:
     ap.add_argument("--server", help="read /object_info from a running ComfyUI instead of an in-process host")
     ap.add_argument("--object-info", type=Path, help="read a saved /object_info .json")
     ap.add_argument("--check", action="store_true", help="only compare with the committed files")
+    ap.add_argument("--pin-core", action="store_true", help=f"first re-pin the core node definitions ({CORE_NODES.name})")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     a = ap.parse_args(argv)
     if a.server:
@@ -497,17 +538,15 @@ def main(argv=None) -> int:
         info = json.loads(a.object_info.read_text())
     else:
         info = host_object_info()
-    stale = []
-    for name, workflow in build_all(info).items():
-        path = a.out / f"{name}.json"
-        text = dumps(workflow)
-        if a.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(path.name)
-            continue
-        a.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    if a.pin_core:
+        CORE_NODES.write_text(dumps(pin_core(info)), encoding="utf-8")
+    stale = stale_files(build_all(info), a.out) if a.check else []
+    if not a.check:
+        for name, workflow in build_all(info).items():
+            a.out.mkdir(parents=True, exist_ok=True)
+            (a.out / f"{name}.json").write_text(dumps(workflow))
+            thumbnail(workflow).save(a.out / f"{name}.jpg", quality=85)
+            print(f"wrote {name}.json and {name}.jpg in {a.out}")
     if stale:
         print(f"out of date: {', '.join(stale)} (run tools/build_workflows.py)", file=sys.stderr)
         return 1
