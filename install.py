@@ -1,8 +1,8 @@
-"""Install hook, run by ComfyUI-Manager and by the webui's extension loader: install requirements if missing.
+"""Install hook, run by ComfyUI-Manager and by the webui's extension loader: checks the requirements, installs nothing.
 
-Safe under either host: the webui's ``launch`` helpers are used only when they import."""
+Installing packages at run time is what the Comfy Registry's scan refuses, and both hosts already ship what the pack
+needs (einops comes with ComfyUI and with the webuis). A missing package is named with the command that installs it."""
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,18 +16,13 @@ def missing_requirements() -> list[str]:
     return [line for line in names if importlib.util.find_spec(line.split(">")[0].split("=")[0].strip()) is None]
 
 
-def main() -> None:
+def main() -> int:
     missing = missing_requirements()
-    if not missing:
-        return
-    try:
-        import launch  # the webui's installer, which uses the webui's own pip settings
-
-        for requirement in missing:
-            launch.run_pip(f"install {requirement}", f"comfyui-perfusion requirement: {requirement}")
-    except ImportError:
-        subprocess.check_call([sys.executable, "-m", "pip", "install", *missing])
+    if missing:
+        print(f"[perfusion] missing Python packages: {', '.join(missing)}; install them into the Python that runs "
+              f"ComfyUI or the webui: {sys.executable} -m pip install {' '.join(repr(m) for m in missing)}")
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
