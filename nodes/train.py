@@ -16,7 +16,7 @@ from ..perfusion_ops.concept_file import save_concept
 from ..perfusion_ops.covariance import cached_covariance, estimate_covariance, ridge_inverse
 from ..perfusion_ops.files import safe_file_name
 from ..perfusion_ops.training import Sample, TrainSettings, Trainer, normalise_masks, prompts_for, run
-from .folders import save_dir
+from .folders import caption_files, caption_path, save_dir
 from .clip_layer import clip_layer
 from .inference import CATEGORY, CONCEPT
 from .loss_chart import loss_chart, loss_chart_image
@@ -61,14 +61,20 @@ def prepare_data(vae, model, images, masks, resolution: int, flip: bool):
     return latents, weights
 
 
-def inverse_covariance(host: ComfyTrainingHost, captions_file: str, count: int):
-    """C⁻¹ for this CLIP: estimated once from captions, cached by the encoder's weight fingerprint."""
+def covariance_captions_for(captions_name: str, count: int) -> list[str]:
+    """The captions C is estimated from: the first ``count`` of the caption file ``captions_name`` (a combo value
+    of the captions folder), or ``count`` built-in ones for ``""``. Read before training, so a bad file fails first."""
+    return caption_source(caption_path(captions_name), count=count, name=captions_name)
+
+
+def inverse_covariance(host: ComfyTrainingHost, captions: list[str]):
+    """C⁻¹ for this CLIP: estimated once from ``captions``, cached by the encoder's weight fingerprint."""
     cache = os.path.join(folder_paths.models_dir, "perfusion_cache")
+    count = len(captions)
     key = f"{host.encoder_fingerprint()}-l{host.clip_layer}-n{count}"
     pbar = comfy.utils.ProgressBar(count)
 
     def compute():
-        captions = caption_source(captions_file or None, count=count)
         return estimate_covariance(host.encode_plain, captions, batch_size=32,
                                    progress=lambda done, total: (pbar.update_absolute(done, total),
                                                                  log.info("[perfusion] covariance %d/%d", done, total)))
@@ -135,8 +141,10 @@ class PerfusionTrainConcept:
                               "Ablation: learn the K targets too instead of locking them to the superclass."}),
                 "covariance_captions": ("INT", {"default": 20000, "min": 16, "max": 200000, "tooltip":
                                         "Captions to estimate the text covariance C from (once per CLIP; cached)."}),
-                "captions_file": ("STRING", {"default": "", "tooltip":
-                                  "Optional text file of captions (one per line) for C; empty: built-in corpus."}),
+                # optional, with "" first: API prompts that pass captions_file="" still validate
+                "captions_file": (caption_files(), {"default": "", "tooltip":
+                                  "Captions for C: a .txt file (one caption per line) from models/perfusion/captions; "
+                                  "empty: the built-in corpus."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -152,11 +160,12 @@ class PerfusionTrainConcept:
         settings = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr_values=lr_values,
                                  lr_embedding=lr_embedding, train_beta=train_beta, train_tau=train_tau,
                                  trained_k=trained_k, seed=seed).check()
+        captions = covariance_captions_for(captions_file, covariance_captions)
         layer = clip_layer(clip)
         latents, weights = prepare_data(vae, model, images, masks, resolution, flip)
         with torch.inference_mode(False):
             host = ComfyTrainingHost(model, clip, layer, gradient_checkpointing)
-            inverse = inverse_covariance(host, captions_file, covariance_captions).to(host.device)
+            inverse = inverse_covariance(host, captions).to(host.device)
             fields = {"encoder_fingerprint": host.encoder_fingerprint(), "clip_layer": layer,
                       "info": {"steps": str(steps), "images": str(images.shape[0]), "resolution": str(resolution)}}
             trainer = Trainer(host, trigger, superclass.strip(), inverse, settings, fields)

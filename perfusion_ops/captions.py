@@ -7,12 +7,16 @@ word lists and sentence templates. It mixes photo-caption style ("A man in a red
 at sunset.") with prompt style ("isometric 3d render of a tiny castle, soft shadows, highly detailed") and covers
 objects, animals, people, scenes, styles, media, lighting, camera terms, colours, materials, counts and relations
 between two subjects, at lengths from 3 words to a few dozen. Stdlib only; deterministic for a given seed.
-A real caption file (``read_captions``) is always the better choice when one is available.
+A real caption file (``read_captions``) is always the better choice when one is available. A caption file is
+read only if it is a regular file (a FIFO or a device would block or never end) of at most ``MAX_CAPTION_BYTES``,
+and its errors name it by the name the caller gives, never by its folder.
 """
 from __future__ import annotations
 
 import operator
+import os
 import random
+import stat
 from pathlib import Path
 
 
@@ -109,6 +113,7 @@ DESIGNS = _phrases("logo|icon|sticker|poster|book cover|t-shirt print|emoji|albu
 PLURAL = {"child": "children", "mouse": "mice", "sheep": "sheep", "deer": "deer", "wolf": "wolves",
           "tomato": "tomatoes", "goldfish": "goldfish", "samurai": "samurai", "volcano": "volcanoes"}
 MAX_BUILTIN = 200_000  # cap on builtin_captions(count); the grammar yields far more distinct captions than this
+MAX_CAPTION_BYTES = 32 * 2**20  # MAX_BUILTIN captions of ~160 bytes: bounds memory and encoding time
 
 
 def _plural(noun: str) -> str:
@@ -230,21 +235,40 @@ def builtin_captions(count: int = 20000, seed: int = 0) -> list[str]:
     return out
 
 
-def read_captions(path) -> list[str]:
+def read_captions(path, name: str | None = None, max_bytes: int = MAX_CAPTION_BYTES) -> list[str]:
     """Read a UTF-8 caption file (a BOM is ignored), one caption per line.
 
     Strips whitespace, drops blank lines and ``#`` comment lines, and removes duplicates keeping the first
-    occurrence. Raises ValueError naming the file if no captions remain.
+    occurrence. Reads only a regular file of at most ``max_bytes`` (opened without blocking, so a FIFO is refused
+    instead of waiting for a writer). Every failure is a ValueError naming the file as ``name`` (default: the base
+    name of ``path``), so a message never reveals where the file lives.
     """
-    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    caps = list(dict.fromkeys(s for s in (ln.strip() for ln in lines) if s and not s.startswith("#")))
+    name = name or Path(path).name
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        raise ValueError(f"caption file '{name}' cannot be opened ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"caption file '{name}' is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(max_bytes + 1)  # the size may change after fstat: bound the read itself
+    if len(data) > max_bytes:
+        raise ValueError(f"caption file '{name}' is larger than {max_bytes / 2**20:g} MB: split it or keep the "
+                         "captions you want to estimate C from")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"caption file '{name}' is not UTF-8 text (invalid byte at offset {err.start})") from None
+    caps = list(dict.fromkeys(s for s in (ln.strip() for ln in text.splitlines()) if s and not s.startswith("#")))
     if not caps:
-        raise ValueError(f"caption file {str(path)!r} has no captions (only blank or '#' comment lines)")
+        raise ValueError(f"caption file '{name}' has no captions (only blank or '#' comment lines)")
     return caps
 
 
-def caption_source(path: str | None, count: int = 20000, seed: int = 0) -> list[str]:
-    """Captions for the covariance estimate: the user's file when ``path`` is given, else the built-in corpus."""
+def caption_source(path: str | None, count: int = 20000, seed: int = 0, name: str | None = None) -> list[str]:
+    """Captions for the covariance estimate: the first ``count`` of the user's file when ``path`` is given (see
+    :func:`read_captions`; ``name`` is how its errors call it), else ``count`` captions of the built-in corpus."""
     if path:
-        return read_captions(path)
+        return read_captions(path, name)[:count]
     return builtin_captions(count, seed)

@@ -1,5 +1,7 @@
 """The built-in caption corpus (stand-in for LAION captions) and user caption files."""
 import collections
+import os
+import threading
 import time
 
 import pytest
@@ -152,9 +154,57 @@ def test_read_captions_empty_file_raises(tmp_path, content):
         read_captions(f)
 
 
-def test_read_captions_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        read_captions(tmp_path / "nope.txt")
+def _fifo(path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this system")
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "cannot be opened"),
+    ("directory", "not a regular file"),
+    ("fifo", "not a regular file"),
+    ("too large", "larger than"),
+    ("not utf-8", "not UTF-8 text"),
+    ("binary", "not UTF-8 text"),
+])
+def test_hostile_caption_files_are_refused_quickly_naming_only_the_file(tmp_path, case, message):
+    """Errors say what is wrong with the file by its name, never where it lives; a FIFO is refused, not waited on."""
+    path = tmp_path / "caps.txt"
+    if case == "directory":
+        path.mkdir()
+    elif case == "fifo":
+        _fifo(path)
+    elif case == "too large":
+        path.write_text("a cat on a mat\n" * 100, encoding="utf-8")
+    elif case == "not utf-8":
+        path.write_bytes("a café\n".encode("latin-1"))
+    elif case == "binary":
+        path.write_bytes(bytes(range(256)))
+    result = {}
+
+    def read():
+        try:
+            read_captions(path, name="caps.txt", max_bytes=1000)
+        except Exception as err:  # noqa: BLE001  (the thread hands the error to the test)
+            result["error"] = err
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # blocked in open(): give the FIFO a writer so the thread can end, then fail
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading the caption file blocked")
+    error = result.get("error")
+    assert isinstance(error, ValueError), repr(error)
+    assert message in str(error) and "'caps.txt'" in str(error)
+    assert str(tmp_path) not in str(error)
+
+
+def test_caption_file_is_capped_at_the_requested_count(tmp_path):
+    f = tmp_path / "caps.txt"
+    f.write_text("".join(f"caption number {n}\n" for n in range(100)), encoding="utf-8")
+    assert caption_source(str(f), count=10) == [f"caption number {n}" for n in range(10)]
 
 
 def test_caption_source_prefers_file(tmp_path):

@@ -1,0 +1,134 @@
+"""Reliability and security in the real host: what a node may read, what a route may parse, when a bad input is
+refused (before any work), and that a strength-0 concept is no concept at all."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from graphs import train_graph
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, small_checkpoint):
+    with torch.inference_mode():
+        return comfy.node("CheckpointLoaderSimple")().load_checkpoint(small_checkpoint.name)[:3]
+
+
+def train_kwargs(loaded, **changes):
+    """Direct-call arguments of Perfusion Train Concept (tiny CPU settings), with ``changes``."""
+    import skimage.data
+
+    model, clip, vae = loaded
+    photo = torch.from_numpy(skimage.data.chelsea()[None].astype("float32") / 255)
+    kwargs = dict(model=model, clip=clip, vae=vae, images=photo, trigger_word="hugsy", superclass="cat", steps=1,
+                  batch_size=1, grad_accum=1, lr_values=0.03, lr_embedding=0.006, train_beta=0.75, train_tau=0.1,
+                  flip=False, resolution=64, seed=0, save_name="reliability", checkpoint_every=0,
+                  covariance_captions=16)
+    return kwargs | changes
+
+
+def refused_before_training(comfy, kwargs, timeout=60):
+    """The ValueError the Train node raises for ``kwargs``; fails if it blocks, trains or raises anything else."""
+    result = {}
+
+    def train():
+        try:
+            with torch.inference_mode():
+                comfy.node("PerfusionTrainConcept")().train(**kwargs)
+        except BaseException as err:  # noqa: BLE001  (handed to the test)
+            result["error"] = err
+
+    comfy.progress.clear()
+    worker = threading.Thread(target=train, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), "the node blocked"
+    assert not comfy.progress, "the node started working before refusing the input"
+    error = result.get("error")
+    assert isinstance(error, ValueError), repr(error)
+    return str(error)
+
+
+# ----------------------------------------------------------------------------------------------- caption files
+@pytest.fixture
+def captions_folder(comfy):
+    folder = comfy.layout.folder("perfusion") / "captions"
+    assert folder.is_dir(), "the captions folder is created when the pack loads"
+    made = []
+
+    def add(name, make):
+        path = folder / name
+        make(path)
+        made.append(path)
+        comfy.refresh_models()
+        return path
+
+    yield add
+    for path in made:
+        path.rmdir() if path.is_dir() else path.unlink()
+    comfy.refresh_models()
+
+
+def test_captions_file_offers_the_caption_folder_with_the_builtin_corpus_first(comfy, captions_folder):
+    captions_folder("laion-sample.txt", lambda p: p.write_text("a red bus\na cat on a mat\n", encoding="utf-8"))
+    spec = comfy.node("PerfusionTrainConcept").INPUT_TYPES()
+    assert "captions_file" in spec["optional"]
+    choices, options = spec["optional"]["captions_file"]
+    assert choices[0] == "" and options["default"] == "" and "laion-sample.txt" in choices
+    assert comfy.pack.nodes.train.covariance_captions_for("laion-sample.txt", 16) == ["a red bus", "a cat on a mat"]
+
+
+def test_old_prompts_with_an_empty_captions_file_still_validate(comfy, small_checkpoint, photo_name):
+    comfy.validate(train_graph(small_checkpoint.name, photo_name, "hugsy", "cat", "x", captions_file=""))
+
+
+HOSTILE_CAPTIONS = ["/etc/passwd", "../../../../../../etc/passwd", "../perfusion/hugsy.safetensors", "/dev/zero",
+                    "captions/../../../.ssh/id_rsa"]
+
+
+@pytest.mark.parametrize("value", HOSTILE_CAPTIONS)
+def test_a_prompt_naming_a_path_is_refused(comfy, small_checkpoint, photo_name, value):
+    """Current trees refuse the value at validation (not in the combo); the 2024 tree validates required inputs
+    only, so there the node refuses it before any work."""
+    graph = train_graph(small_checkpoint.name, photo_name, "hugsy", "cat", "refused", captions_file=value)
+    with pytest.raises(Exception) as failure:
+        comfy.run(graph)
+    message = str(failure.value)
+    assert "captions_file" in message or "is not in models/perfusion/captions" in message, message[:2000]
+    assert not (comfy.layout.folder("perfusion") / "refused.safetensors").exists()
+
+
+@pytest.mark.parametrize("value", HOSTILE_CAPTIONS)
+def test_a_direct_call_reads_nothing_outside_the_caption_folder(comfy, loaded, value):
+    message = refused_before_training(comfy, train_kwargs(loaded, captions_file=value))
+    assert "is not in models/perfusion/captions" in message
+    assert str(comfy.layout.base) not in message and "root:" not in message
+
+
+def _fifo(path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this system")
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("case,make,message", [
+    ("fifo", _fifo, "models/perfusion/captions"),
+    ("directory", lambda p: p.mkdir(), "models/perfusion/captions"),
+    ("latin-1", lambda p: p.write_bytes("un café\n".encode("latin-1")), "not UTF-8 text"),
+    ("comments only", lambda p: p.write_text("# nothing here\n\n", encoding="utf-8"), "has no captions"),
+])
+def test_unusable_caption_files_in_the_folder_are_refused_before_training(comfy, loaded, captions_folder, case,
+                                                                          make, message):
+    path = captions_folder(f"bad-{case.replace(' ', '-')}.txt", make)
+    try:
+        text = refused_before_training(comfy, train_kwargs(loaded, captions_file=path.name))
+    finally:
+        if case == "fifo":  # unblock a reader stuck in open() (the unfixed node), so the thread ends
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+    assert message in text and f"'{path.name}'" in text and str(comfy.layout.base) not in text
