@@ -156,10 +156,21 @@ def test_lora_and_perfusion_compose(comfy, loaded, small_lora, concept_files):
             assert torch.allclose(got[layer][0], want_k, atol=1e-4) and torch.allclose(got[layer][1], want_v, atol=1e-4)
 
 
-def test_global_key_lock_feeds_k_the_superclass_prompt(comfy, loaded, concept_files):
+def another_packs_wrapper(apply_model, args):
+    """A pass-through unet function wrapper, as other packs install one (it takes the single slot)."""
+    return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+@pytest.mark.parametrize("foreign", [False, True], ids=["alone", "beside-another-wrapper"])
+def test_global_key_lock_feeds_k_the_superclass_prompt(comfy, loaded, concept_files, foreign):
+    if foreign and comfy.pack.nodes.keylock.WrappersMP is None:
+        pytest.skip("the 2024 tree has one unet function wrapper slot: a wrapper set after Apply replaces the key lock's")
     model, clip = loaded
     concept = concept_files.concept("hugsy")
     patched, patched_clip = apply(comfy, model, clip, concept, 0.5, 0.15)
+    if foreign:
+        patched = patched.clone()
+        patched.set_model_unet_function_wrapper(another_packs_wrapper)
     with torch.inference_mode():
         cond = comfy.node("PerfusionGlobalKeyLock")().encode(patched_clip, PROMPT.format("hugsy"))[0]
         real = patched_clip.encode_from_tokens(patched_clip.tokenize(PROMPT.format("hugsy")))
