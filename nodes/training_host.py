@@ -66,6 +66,14 @@ def forwards_installed(modules: dict, forwards: dict):
                 modules[key].forward = old
 
 
+def non_dynamic(model):
+    """``model``, or a plain ModelPatcher clone of it where it is a dynamic-VRAM one (v0.33 on CUDA with
+    comfy-aimdo), whose weights stream in per call: training needs every weight resident. ComfyUI's own trainer
+    trains on such a clone too (``clone(force_deepcopy=True)``)."""
+    is_dynamic = getattr(model, "is_dynamic", None)
+    return model.clone(disable_dynamic=True) if is_dynamic is not None and is_dynamic() else model
+
+
 def load_for_training(model) -> None:
     """Load the whole UNet onto its device as ComfyUI's own trainer does (``comfy_extras/nodes_train.py``): other
     models are unloaded first, and no weight is left offloaded (backward needs them all). The 2024 tree's
@@ -79,6 +87,7 @@ class ComfyTrainingHost:
     """TrainingHost (see ``perfusion_ops.training``) for an SD1.x ModelPatcher and CLIP, on the model's device."""
 
     def __init__(self, model, clip, clip_layer: int = -1, gradient_checkpointing: bool = False):
+        model = non_dynamic(model)
         self.model, self.clip = model, clip
         self.device = model.load_device
         clip.load_model()  # its weights are copied below; loading the UNet may then offload it
