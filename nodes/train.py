@@ -11,7 +11,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..perfusion_ops.captions import caption_source
+from ..perfusion_ops.captions import caption_digest, caption_source
 from ..perfusion_ops.concept_file import save_concept
 from ..perfusion_ops.covariance import cached_covariance, estimate_covariance, ridge_inverse
 from ..perfusion_ops.files import safe_file_name
@@ -68,11 +68,11 @@ def covariance_captions_for(captions_name: str, count: int) -> list[str]:
 
 
 def inverse_covariance(host: ComfyTrainingHost, captions: list[str]):
-    """C⁻¹ for this CLIP: estimated once from ``captions``, cached by the encoder's weight fingerprint."""
+    """C⁻¹ for this CLIP: estimated once from ``captions``, cached by what it was estimated from (the encoder's
+    weight fingerprint, its CLIP layer and the digest of the captions)."""
     cache = os.path.join(folder_paths.models_dir, "perfusion_cache")
-    count = len(captions)
-    key = f"{host.encoder_fingerprint()}-l{host.clip_layer}-n{count}"
-    pbar = comfy.utils.ProgressBar(count)
+    key = f"{host.encoder_fingerprint()}-l{host.clip_layer}-c{caption_digest(captions)}"
+    pbar = comfy.utils.ProgressBar(len(captions))
 
     def compute():
         return estimate_covariance(host.encode_plain, captions, batch_size=32,

@@ -13,6 +13,7 @@ and its errors name it by the name the caller gives, never by its folder.
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 import random
@@ -272,3 +273,11 @@ def caption_source(path: str | None, count: int = 20000, seed: int = 0, name: st
     if path:
         return read_captions(path, name)[:count]
     return builtin_captions(count, seed)
+
+
+def caption_digest(captions: list[str]) -> str:
+    """A short hash of the caption list (order and text), to key a covariance estimated from exactly these captions."""
+    digest = hashlib.sha256()
+    for caption in captions:
+        digest.update(caption.encode("utf-8") + b"\n")  # captions never hold a newline: the join is unambiguous
+    return digest.hexdigest()[:16]

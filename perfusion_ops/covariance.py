@@ -79,17 +79,19 @@ def cached_covariance(
     compute: Callable[[], tuple[torch.Tensor, int]],
     log: Callable[[str], None] = print,
 ) -> torch.Tensor:
-    """C for the text encoder with weight ``fingerprint``: read from ``cache_dir`` or computed once and stored.
+    """C for the cache key ``fingerprint``: read from ``cache_dir`` or computed once and stored.
 
-    The cache key is the encoder's fingerprint, so a fine-tune with its own text encoder gets its own C."""
+    The key names what C was estimated from (the caller's choice: the encoder's weight fingerprint, so a fine-tune
+    with its own text encoder gets its own C, and the captions). C is stored in float32 and the first run returns
+    the stored value too, so every run with one key gets the same C bit for bit."""
     path = Path(cache_dir) / f"covariance-{fingerprint}.safetensors"
     if path.is_file():
         return load_file(path)["covariance"].to(torch.float64)
     log(f"[perfusion] estimating the text covariance for encoder {fingerprint} (once; cached in {path})")
     covariance, count = compute()
-    data = save({"covariance": covariance.float().contiguous()}, metadata={"encodings": str(count)})
-    atomic_write_bytes(path, data)
-    return covariance
+    stored = covariance.float().contiguous()
+    atomic_write_bytes(path, save({"covariance": stored}, metadata={"encodings": str(count)}))
+    return stored.to(torch.float64)
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> str:

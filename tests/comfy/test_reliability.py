@@ -132,3 +132,22 @@ def test_unusable_caption_files_in_the_folder_are_refused_before_training(comfy,
             except OSError:
                 pass
     assert message in text and f"'{path.name}'" in text and str(comfy.layout.base) not in text
+
+
+# ------------------------------------------------------------------------------------------ covariance cache
+def test_the_covariance_cache_is_keyed_on_the_captions_it_was_estimated_from(comfy, loaded, captions_folder):
+    """Two caption files of the same length give two Cs; the same file again is a cache hit."""
+    words = {"animals": ("cat", "dog", "owl", "fox"), "vehicles": ("bus", "car", "boat", "train")}
+    files = {kind: captions_folder(f"{kind}.txt", lambda p, w=w: p.write_text(
+        "".join(f"a photo of a {x} {where}\n" for x in w for where in ("on a beach", "at night", "in snow", "indoors")),
+        encoding="utf-8")).name for kind, w in words.items()}
+    train = comfy.pack.nodes.train
+    model, clip, _ = loaded
+    with torch.inference_mode(False):
+        host = comfy.pack.nodes.training_host.ComfyTrainingHost(model, clip)
+        inverse = {kind: train.inverse_covariance(host, train.covariance_captions_for(name, 16))
+                   for kind, name in files.items()}
+        again = train.inverse_covariance(host, train.covariance_captions_for(files["animals"], 16))
+    change = (inverse["animals"] - inverse["vehicles"]).norm() / inverse["animals"].norm()
+    assert change > 0.05, f"the second caption file reused the first C (relative change {float(change):.2g})"
+    assert torch.equal(again, inverse["animals"]), "a cache hit must give the C the first run used"

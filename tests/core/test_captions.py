@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from perfusion_ops.captions import MAX_BUILTIN, builtin_captions, caption_source, read_captions
+from perfusion_ops.captions import MAX_BUILTIN, builtin_captions, caption_digest, caption_source, read_captions
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +217,12 @@ def test_caption_source_prefers_file(tmp_path):
 def test_caption_source_builtin_without_file():
     assert caption_source(None, count=50, seed=2) == builtin_captions(50, seed=2)
     assert caption_source("", count=50, seed=2) == builtin_captions(50, seed=2)  # empty widget string = no file
+
+
+def test_caption_digest_names_the_exact_caption_list():
+    captions = builtin_captions(50, seed=2)
+    assert caption_digest(captions) == caption_digest(list(captions))
+    others = (captions[:49], captions[::-1], builtin_captions(50, seed=3), [captions[0] + " ", *captions[1:]],
+              ["a b", "c"], ["a", "b c"])
+    digests = {caption_digest(c) for c in others}
+    assert len(digests) == len(others) and caption_digest(captions) not in digests
