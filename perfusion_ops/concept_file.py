@@ -143,6 +143,8 @@ def _read_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], 
     try:
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
         tensors = st_load(data)
+    except RecursionError:  # json recurses per nesting level: a header of 10⁵ brackets must not escape as this
+        raise ConceptError(f"'{name}' is corrupt or not a safetensors file (its header is nested too deeply)") from None
     except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as err:
         raise ConceptError(f"'{name}' is corrupt or not a safetensors file ({err})") from None
     return {key: t.float() for key, t in tensors.items()}, metadata

@@ -96,6 +96,24 @@ def test_broken_files_give_clear_errors(tmp_path, concept):
         load_concept(tmp_path / "missing.safetensors")
 
 
+def safetensors_bytes(header: bytes, data: bytes = b"") -> bytes:
+    """A safetensors file from a raw JSON header (whatever it holds) and a data section."""
+    return len(header).to_bytes(8, "little") + header + data
+
+
+@pytest.mark.parametrize("header", [
+    b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"i": {"dtype": "F16", "shape": ' + b"[" * 50_000 + b"]" * 50_000 + b', "data_offsets": [0, 2]}}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"__metadata__": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"}",
+])
+def test_deeply_nested_headers_are_a_concept_error_naming_the_file(tmp_path, header):
+    path = tmp_path / "nested.safetensors"
+    path.write_bytes(safetensors_bytes(header, b"\0\0"))
+    with pytest.raises(ConceptError, match="'nested.safetensors' is corrupt or not a safetensors file"):
+        load_concept(path)
+
+
 def test_concept_for_another_text_encoder_width_is_refused(tmp_path):
     wide = random_concept(width=1024, layers={"input_blocks.1.1.transformer_blocks.0.attn2": 320})
     path = save_concept(wide, tmp_path / "sd2.safetensors")
