@@ -1,4 +1,6 @@
-"""A trained Perfusion concept in memory, and the checks that make a bad one fail with a readable message."""
+"""A trained Perfusion concept in memory, and the checks that make a bad one fail with a readable message.
+
+The bounds it is checked against (vectors, widths, layers) are the envelope of ``envelope.py``."""
 from __future__ import annotations
 
 import math
@@ -7,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from .envelope import MAX_LAYERS, MAX_VECTORS, MAX_WIDTH
 
 # Text encoders the format knows, by the width of the encodings they feed cross-attention.
 TEXT_ENCODERS = {"clip-l": 768, "open-clip-h": 1024, "clip-g": 1280}
@@ -78,13 +82,17 @@ class Concept:
         width = TEXT_ENCODERS.get(self.text_encoder, self.target_input.shape[-1])
         for name in ("target_input", "target_key", "superclass_encoding"):
             _check_tensor(getattr(self, name), name, (width,))
-        if self.embedding.ndim != 2 or self.embedding.shape[0] < 1:
+        if self.embedding.ndim != 2:
             raise ConceptError(f"embedding must have shape (vectors, width), got {tuple(self.embedding.shape)}")
+        if not 1 <= self.embedding.shape[0] <= MAX_VECTORS:
+            raise ConceptError(f"the trigger has {self.embedding.shape[0]} embedding vectors: a concept holds 1 to "
+                               f"{MAX_VECTORS}")
         _check_tensor(self.embedding, "embedding", tuple(self.embedding.shape))
+        if not 1 <= len(self.value_outputs) <= MAX_LAYERS:
+            raise ConceptError(f"the concept has value outputs (o_V) for {len(self.value_outputs)} layers: a concept "
+                               f"edits 1 to {MAX_LAYERS}")
         if float(self.target_input @ self.target_key) <= 0:
             raise ConceptError("target input and key are inconsistent (i·C⁻¹i must be positive)")
-        if not self.value_outputs:
-            raise ConceptError("the concept has no value outputs (o_V) for any layer")
         for outputs, path in ((self.value_outputs, "o_v"), (self.key_outputs or {}, "o_k")):
             for layer, tensor in outputs.items():
                 if not LAYER_NAME.match(layer):
@@ -141,9 +149,12 @@ def check_gate(beta: float, tau: float, what: str = "gate") -> None:
 
 
 def _check_tensor(tensor: Tensor, name: str, shape: tuple[int, ...]) -> None:
+    """``shape`` with -1 for any size; the last size (a width) must be in 1..MAX_WIDTH (the envelope)."""
     if not isinstance(tensor, Tensor):
         raise ConceptError(f"'{name}' is missing or not a tensor")
     if tensor.ndim != len(shape) or any(want != -1 and have != want for have, want in zip(tensor.shape, shape)):
         raise ConceptError(f"'{name}' has shape {tuple(tensor.shape)}, expected {shape}")
+    if not 1 <= tensor.shape[-1] <= MAX_WIDTH:
+        raise ConceptError(f"'{name}' has shape {tuple(tensor.shape)}: its width must be 1 to {MAX_WIDTH}")
     if not bool(torch.isfinite(tensor).all()):
         raise ConceptError(f"'{name}' contains NaN or infinite values (a diverged training run?)")

@@ -3,7 +3,8 @@
 Tensors (fp16 by default): ``embedding`` (N, T), ``i``, ``q``, ``e_sup`` (D,), ``o_v.<layer>`` (out,) per
 cross-attention layer, and ``o_k.<layer>`` for trained-K concepts. Layer names are the diffusion model's module
 paths (``input_blocks.1.1.transformer_blocks.0.attn2``), the same in ComfyUI and the webui's ldm.
-Scalars and words live in the safetensors metadata (string → string).
+Scalars and words live in the safetensors metadata (string → string). What a file may hold — dtypes, shapes,
+counts, versions — is defined once, in ``envelope.py``; anything outside it is refused, never cast or cut.
 """
 from __future__ import annotations
 
@@ -17,17 +18,20 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .concept import Concept, ConceptError
+from .envelope import FORMAT, FORMAT_VERSION, MAX_FILE_BYTES, TENSOR_DTYPES
 from .files import atomic_write_bytes
 
-FORMAT = "perfusion-concept"
-FORMAT_VERSION = 1
-MAX_FILE_BYTES = 16 * 2**20  # a concept is tens of KB; refuse to read a checkpoint or LoRA picked by mistake
+_DTYPE_NAMES = [str(t).removeprefix("torch.") for t in TENSOR_DTYPES.values()]
+_DTYPES_SHOWN = f"{', '.join(_DTYPE_NAMES[:-1])} or {_DTYPE_NAMES[-1]}"  # for messages
+_TENSORS = ("embedding", "i", "q", "e_sup")  # and o_v.<layer>, o_k.<layer>
 _FLOATS = ("train_beta", "train_tau", "beta_local", "tau_local", "beta_global", "tau_global")
 _WORDS = ("trigger", "superclass", "text_encoder", "encoder_fingerprint", "model_family")
 
 
 def concept_to_bytes(concept: Concept, dtype: torch.dtype = torch.float16) -> bytes:
-    """Serialise a validated concept to safetensors bytes (tensors cast to ``dtype``)."""
+    """Serialise a validated concept to safetensors bytes (tensors cast to ``dtype``, one of the envelope's)."""
+    if dtype not in TENSOR_DTYPES.values():
+        raise ValueError(f"concept files hold {_DTYPES_SHOWN} tensors, not {dtype}")
     concept.validate()
     tensors = {
         "embedding": concept.embedding,
@@ -84,8 +88,14 @@ def concept_from_bytes(data: bytes, name: str = "concept") -> Concept:
             f"'{name}' was written by a newer comfyui-perfusion (format v{version}; this one reads up to "
             f"v{FORMAT_VERSION}): update the node pack"
         )
+    if version < 1:
+        raise ConceptError(f"'{name}' claims format version {version}: Perfusion concept files are versions 1 to "
+                           f"{FORMAT_VERSION}")
+    stray = [key for key in tensors if key not in _TENSORS and not key.startswith(("o_v.", "o_k."))]
+    if stray:
+        raise ConceptError(f"'{name}': tensor '{stray[0]}' is not part of a Perfusion concept")
     missing = [key for key in _FLOATS + _WORDS if key not in metadata]
-    missing += [key for key in ("embedding", "i", "q", "e_sup") if key not in tensors]
+    missing += [key for key in _TENSORS if key not in tensors]
     if missing:
         raise ConceptError(f"'{name}' is missing fields: {', '.join(missing)}")
     try:
@@ -141,10 +151,19 @@ def _read_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], 
     if header_len > len(data) - 8:
         raise ConceptError(f"'{name}' is truncated or not a safetensors file (its header runs past the end)")
     try:
-        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-        tensors = st_load(data)
+        header = json.loads(data[8 : 8 + header_len])
+        metadata = header.get("__metadata__") or {}
+        dtypes = {key: entry.get("dtype") for key, entry in header.items() if key != "__metadata__"}
     except RecursionError:  # json recurses per nesting level: a header of 10⁵ brackets must not escape as this
         raise ConceptError(f"'{name}' is corrupt or not a safetensors file (its header is nested too deeply)") from None
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as err:
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise ConceptError(f"'{name}' is corrupt or not a safetensors file ({err})") from None
+    for key, dtype in dtypes.items():  # checked before any tensor is read
+        if dtype not in TENSOR_DTYPES:
+            raise ConceptError(f"'{name}': tensor '{key}' is {dtype}: a Perfusion concept holds {_DTYPES_SHOWN} "
+                               "tensors only")
+    try:
+        tensors = st_load(data)
+    except SafetensorError as err:
         raise ConceptError(f"'{name}' is corrupt or not a safetensors file ({err})") from None
     return {key: t.float() for key, t in tensors.items()}, metadata

@@ -77,6 +77,51 @@ def test_bad_fields_give_clear_errors(tmp_path, concept, edit, message):
         load_concept(path)
 
 
+def _many_layers(t, m, count):
+    layers = [f"output_blocks.{n}.1.transformer_blocks.0.attn2" for n in range(count)]
+    t.update({f"o_v.{layer}": torch.zeros(4, dtype=torch.float16) for layer in layers})
+    for key in [k for k in t if k.startswith("o_v.") and k[4:] not in layers]:
+        del t[key]
+    m.update(layers=json.dumps(layers))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t, m: t.update(i=t["i"].to(torch.int8)), r"tensor 'i' is I8: .*float16, bfloat16 or float32"),
+        (lambda t, m: t.update(e_sup=t["e_sup"] > 0), "tensor 'e_sup' is BOOL"),
+        (lambda t, m: t.update(q=t["q"].double()), "tensor 'q' is F64"),
+        (lambda t, m: t.update(embedding=t["embedding"].to(torch.uint8)), "tensor 'embedding' is U8"),
+        (lambda t, m: m.update(format_version="0"), "format version 0: .*versions 1 to 1"),
+        (lambda t, m: m.update(format_version="-3"), "format version -3"),
+        (lambda t, m: m.update(format_version="1.5"), "unreadable format version"),
+        (lambda t, m: t.update(embedding=torch.zeros(10_000, 768, dtype=torch.float16)), "10000 embedding vectors"),
+        (lambda t, m: t.update(embedding=torch.zeros(0, 768, dtype=torch.float16)), "0 embedding vectors"),
+        (lambda t, m: t.update(embedding=torch.zeros(768, dtype=torch.float16)), "embedding must have shape"),
+        (lambda t, m: t.update(extra=torch.zeros(3, dtype=torch.float16)), "tensor 'extra' is not part of"),
+        (lambda t, m: t.update({"o_k.nowhere": torch.zeros(3, dtype=torch.float16)}), "not part of|different layers"),
+        (lambda t, m: t.update({"o_v.input_blocks.1.1.transformer_blocks.0.attn2": torch.zeros(0, dtype=torch.float16)}),
+         r"'o_v.input_blocks.1.1.transformer_blocks.0.attn2' has shape \(0,\)"),
+        (lambda t, m: t.update({"o_v.input_blocks.1.1.transformer_blocks.0.attn2": torch.zeros(9000, dtype=torch.float16)}),
+         r"has shape \(9000,\)"),
+        (lambda t, m: _many_layers(t, m, 129), "129 layers: a concept edits 1 to 128"),
+    ],
+)
+def test_files_outside_the_concept_envelope_are_refused(tmp_path, concept, edit, message):
+    path = corrupt(tmp_path, concept, edit)
+    with pytest.raises(ConceptError, match=message):
+        load_concept(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_every_float_dtype_of_the_envelope_loads(tmp_path, concept, dtype):
+    back = load_concept(save_concept(concept, tmp_path / "c.safetensors", dtype=dtype))
+    assert back.embedding.dtype == torch.float32
+    assert torch.equal(back.target_input, concept.target_input.to(dtype).float())
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        save_concept(concept, tmp_path / "d.safetensors", dtype=torch.int8)
+
+
 def test_broken_files_give_clear_errors(tmp_path, concept):
     good = save_concept(concept, tmp_path / "good.safetensors").read_bytes()
     cases = {

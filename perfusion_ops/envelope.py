@@ -1,0 +1,30 @@
+"""What a Perfusion concept may be: the one definition that concept files (``concept_file.py``) and concepts in memory
+(``Concept.validate``) are checked against. Anything outside it is refused with a :class:`ConceptError` saying
+which rule it breaks; nothing is cast or cut silently.
+
+A concept file is a safetensors file (never a pickle) of at most ``MAX_FILE_BYTES``, with metadata
+``format = FORMAT`` and ``format_version`` an integer from 1 to ``FORMAT_VERSION`` (a newer file asks for an update
+of the pack). Its tensors are ``float16``, ``bfloat16`` or ``float32`` (``TENSOR_DTYPES``; integers and booleans are
+not concept data) and are exactly:
+
+- ``embedding`` (N, T): the trigger word's learned vector(s), 1 ≤ N ≤ ``MAX_VECTORS``, 1 ≤ T ≤ ``MAX_WIDTH``;
+- ``i``, ``q``, ``e_sup`` (D,): the text width D of a known encoder (768 CLIP-L, 1024 OpenCLIP-H, 1280 CLIP-G), or
+  1 ≤ D ≤ ``MAX_WIDTH`` for another;
+- ``o_v.<layer>`` (out,), 1 ≤ out ≤ ``MAX_WIDTH``, for 1 to ``MAX_LAYERS`` cross-attention layers, and for a
+  trained-K concept ``o_k.<layer>`` for the same layers.
+
+A concept of SD1.5 holds 20 tensors (36 with trained K) in about 30 KB; the bounds leave room for larger model
+families (SDXL: 70 layers) while refusing files that could only be mistakes or attacks.
+"""
+from __future__ import annotations
+
+import torch
+
+FORMAT = "perfusion-concept"
+FORMAT_VERSION = 1  # the newest version this code writes; it reads 1..FORMAT_VERSION
+MAX_FILE_BYTES = 16 * 2**20  # a concept is tens of KB; refuse to read a checkpoint or LoRA picked by mistake
+TENSOR_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}  # safetensors names
+MAX_VECTORS = 8  # Perfusion learns one vector per trigger; a few leave room for multi-vector triggers
+MAX_LAYERS = 128  # cross-attention layers: 16 in SD1.x/2.x, 70 in SDXL
+MAX_WIDTH = 8192  # of a text encoding, a token embedding or a layer's output
+
