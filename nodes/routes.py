@@ -4,9 +4,12 @@ Answers the concept's trigger word, superclass, recommended β/τ, layer count, 
 were trained, so Load Concept and Apply can show them on the node (js/perfusion.js). Errors are JSON too:
 ``{"error": message}`` with 400 (no name), 404 (no such file) or 422 (not a usable concept).
 Registered at import time on ``server.PromptServer.instance.routes``; without a server (headless use) it is skipped.
+The file is read and parsed in a worker thread, never on the server's event loop (which serves every request and
+websocket), and the core refuses a file beyond the concept envelope (header size, tensor count) before parsing it.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -72,7 +75,7 @@ def register() -> bool:
 
     @instance.routes.get(ROUTE)
     async def get_concept_info(request):
-        status, body = concept_info(request.rel_url.query.get("name", ""))
+        status, body = await asyncio.to_thread(concept_info, request.rel_url.query.get("name", ""))
         return web.json_response(body, status=status)
 
     return True

@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .concept import Concept, ConceptError
-from .envelope import FORMAT, FORMAT_VERSION, MAX_FILE_BYTES, TENSOR_DTYPES
+from .envelope import FORMAT, FORMAT_VERSION, MAX_FILE_BYTES, MAX_HEADER_BYTES, MAX_TENSORS, TENSOR_DTYPES
 from .files import atomic_write_bytes
 
 _DTYPE_NAMES = [str(t).removeprefix("torch.") for t in TENSOR_DTYPES.values()]
@@ -150,6 +150,9 @@ def _read_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], 
     header_len = int.from_bytes(data[:8], "little")
     if header_len > len(data) - 8:
         raise ConceptError(f"'{name}' is truncated or not a safetensors file (its header runs past the end)")
+    if header_len > MAX_HEADER_BYTES:
+        raise ConceptError(f"'{name}' has a {header_len // 1024} KB header: a Perfusion concept's is at most "
+                           f"{MAX_HEADER_BYTES // 1024} KB (not a concept, or a damaged one)")
     try:
         header = json.loads(data[8 : 8 + header_len])
         metadata = header.get("__metadata__") or {}
@@ -158,6 +161,8 @@ def _read_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], 
         raise ConceptError(f"'{name}' is corrupt or not a safetensors file (its header is nested too deeply)") from None
     except (ValueError, UnicodeDecodeError, AttributeError) as err:
         raise ConceptError(f"'{name}' is corrupt or not a safetensors file ({err})") from None
+    if len(dtypes) > MAX_TENSORS:
+        raise ConceptError(f"'{name}' holds {len(dtypes)} tensors: a Perfusion concept holds at most {MAX_TENSORS}")
     for key, dtype in dtypes.items():  # checked before any tensor is read
         if dtype not in TENSOR_DTYPES:
             raise ConceptError(f"'{name}': tensor '{key}' is {dtype}: a Perfusion concept holds {_DTYPES_SHOWN} "

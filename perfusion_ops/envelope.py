@@ -2,7 +2,9 @@
 (``Concept.validate``) are checked against. Anything outside it is refused with a :class:`ConceptError` saying
 which rule it breaks; nothing is cast or cut silently.
 
-A concept file is a safetensors file (never a pickle) of at most ``MAX_FILE_BYTES``, with metadata
+A concept file is a safetensors file (never a pickle) of at most ``MAX_FILE_BYTES``, whose JSON header is at most
+``MAX_HEADER_BYTES`` and lists at most ``MAX_TENSORS`` tensors (both checked before the header, resp. any tensor, is
+parsed, so a hostile file costs no parsing time), with metadata
 ``format = FORMAT`` and ``format_version`` an integer from 1 to ``FORMAT_VERSION`` (a newer file asks for an update
 of the pack). Its tensors are ``float16``, ``bfloat16`` or ``float32`` (``TENSOR_DTYPES``; integers and booleans are
 not concept data) and are exactly:
@@ -27,4 +29,6 @@ TENSOR_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.floa
 MAX_VECTORS = 8  # Perfusion learns one vector per trigger; a few leave room for multi-vector triggers
 MAX_LAYERS = 128  # cross-attention layers: 16 in SD1.x/2.x, 70 in SDXL
 MAX_WIDTH = 8192  # of a text encoding, a token embedding or a layer's output
+MAX_TENSORS = 4 + 2 * MAX_LAYERS  # embedding, i, q, e_sup, and o_v/o_k per layer
+MAX_HEADER_BYTES = 128 * 2**10  # the largest concept above needs about 45 KB (SD1.5: 3 KB, 5 KB with trained K)
 

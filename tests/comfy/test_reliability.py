@@ -2,8 +2,12 @@
 refused (before any work), and that a strength-0 concept is no concept at all."""
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import threading
+import urllib.error
+import urllib.parse
 
 import pytest
 import torch
@@ -151,3 +155,76 @@ def test_the_covariance_cache_is_keyed_on_the_captions_it_was_estimated_from(com
     change = (inverse["animals"] - inverse["vehicles"]).norm() / inverse["animals"].norm()
     assert change > 0.05, f"the second caption file reused the first C (relative change {float(change):.2g})"
     assert torch.equal(again, inverse["animals"]), "a cache hit must give the C the first run used"
+
+
+# ----------------------------------------------------------------------------------------- concept_info route
+def test_concept_info_parses_off_the_event_loop(comfy, concept_files, monkeypatch):
+    """While one concept file is being parsed, the server's loop answers other requests."""
+    from aiohttp.test_utils import make_mocked_request
+
+    routes = comfy.pack.nodes.routes
+    handler = next(r.handler for r in comfy.prompt_server.routes if getattr(r, "path", None) == routes.ROUTE)
+    parsing, release = threading.Event(), threading.Event()
+    load = routes.load_concept
+
+    def slow_load(*args, **kwargs):  # a file that takes long to parse
+        parsing.set()
+        release.wait(10)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "load_concept", slow_load)
+
+    def request(name):
+        return handler(make_mocked_request("GET", f"{routes.ROUTE}?{urllib.parse.urlencode({'name': name})}"))
+
+    async def scenario():
+        slow = asyncio.ensure_future(request(concept_files["hugsy"]))
+        while not parsing.is_set():
+            await asyncio.sleep(0.01)
+        other = await request("no-such-concept.safetensors")  # served by the loop meanwhile
+        still_parsing = not slow.done()
+        release.set()
+        return still_parsing, other, await slow
+
+    still_parsing, other, slow = comfy.loop.run_until_complete(asyncio.wait_for(scenario(), 60))
+    assert other.status == 404 and slow.status == 200
+    assert still_parsing, "the event loop waited for the parse: every request and websocket stalled meanwhile"
+
+
+def _tensor_entries(count):
+    return {f"o_v.t{n}": {"dtype": "F16", "shape": [1], "data_offsets": [2 * n, 2 * n + 2]} for n in range(count)}
+
+
+def _safetensors(header, data=b""):
+    header = json.dumps(header).encode() if isinstance(header, dict) else header
+    return len(header).to_bytes(8, "little") + header + data
+
+
+HOSTILE_CONCEPTS = {  # file name → (bytes, what the answer must say)
+    "many-tensors.safetensors": (lambda: _safetensors(_tensor_entries(150_000), bytes(300_000)),
+                                 "KB header: a Perfusion concept's is at most"),
+    "600-tensors.safetensors": (lambda: _safetensors(_tensor_entries(600), bytes(1200)),
+                                "holds 600 tensors: a Perfusion concept holds at most"),
+    "nested.safetensors": (lambda: _safetensors(b'{"__metadata__": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", b"\0\0"),
+                           "nested too deeply"),
+    "int8.safetensors": (lambda: _safetensors({"i": {"dtype": "I8", "shape": [768], "data_offsets": [0, 768]}},
+                                              bytes(768)), "tensor 'i' is I8"),
+    "pickle.safetensors": (lambda: b"\x80\x04" + bytes(64), "pickle"),
+}
+
+
+@pytest.mark.parametrize("name", [*HOSTILE_CONCEPTS, "../../../../etc/passwd", "/etc/passwd", "..%2F..%2Fsecret"])
+def test_concept_info_answers_hostile_files_with_a_reason_and_keeps_serving(server, name):
+    folder = server.layout.folder("perfusion")
+    if name in HOSTILE_CONCEPTS:
+        (folder / name).write_bytes(HOSTILE_CONCEPTS[name][0]())
+    try:
+        server.get(f"/perfusion/concept_info?{urllib.parse.urlencode({'name': name})}", timeout=20)
+        pytest.fail("a hostile file was answered as a concept")
+    except urllib.error.HTTPError as answer:
+        status, body = answer.code, json.loads(answer.read())
+    if name in HOSTILE_CONCEPTS:
+        assert status == 422 and HOSTILE_CONCEPTS[name][1] in body["error"] and f"'{name}'" in body["error"], body
+    else:  # outside the folder: the same answer as for a missing file, nothing about the path
+        assert status == 404 and "is not in models/perfusion" in body["error"] and "root:" not in body["error"], body
+    assert "PerfusionApply" in server.get("/object_info", timeout=20)  # the server still serves

@@ -113,6 +113,40 @@ def test_files_outside_the_concept_envelope_are_refused(tmp_path, concept, edit,
         load_concept(path)
 
 
+def test_header_and_tensor_count_are_bounded_before_parsing(tmp_path, monkeypatch):
+    """A header larger than any concept's, or more tensors than a concept holds, is refused before the header is
+    parsed (first case) or before any tensor is (second): no parser ever sees them."""
+    import perfusion_ops.concept_file as concept_file
+
+    entries = lambda count: {f"t{n}": {"dtype": "F16", "shape": [1], "data_offsets": [2 * n, 2 * n + 2]}
+                             for n in range(count)}
+    huge = json.dumps(entries(150_000)).encode()  # the 10.8 MB file that held the server for seconds
+    many = json.dumps(entries(600)).encode()
+    (tmp_path / "huge.safetensors").write_bytes(safetensors_bytes(huge, bytes(300_000)))
+    (tmp_path / "many.safetensors").write_bytes(safetensors_bytes(many, bytes(1200)))
+    parsed, parse_header = [], json.loads
+    monkeypatch.setattr(concept_file, "st_load", lambda data: parsed.append("tensors"))
+    monkeypatch.setattr(json, "loads", lambda *a, **k: parsed.append("header") or parse_header(*a, **k))
+    with pytest.raises(ConceptError, match=r"'huge.safetensors' has a \d+ KB header: a Perfusion concept's is at "
+                                           r"most 128 KB"):
+        load_concept(tmp_path / "huge.safetensors")
+    assert parsed == []
+    with pytest.raises(ConceptError, match="'many.safetensors' holds 600 tensors: a Perfusion concept holds at most 260"):
+        load_concept(tmp_path / "many.safetensors")
+    assert parsed == ["header"]
+
+
+def test_the_largest_concept_of_the_envelope_loads(tmp_path):
+    from perfusion_ops.envelope import MAX_LAYERS, MAX_VECTORS
+
+    layers = {f"output_blocks.{n}.1.transformer_blocks.{n % 10}.attn2": 1280 for n in range(MAX_LAYERS)}
+    concept = random_concept(seed=2, layers=layers, trained_k=True)
+    concept.embedding = torch.randn(MAX_VECTORS, 768)
+    concept.info = {"steps": "400", "images": "20", "resolution": "1024", "note": "x" * 200}
+    back = load_concept(save_concept(concept, tmp_path / "largest.safetensors", dtype=torch.float32))
+    assert back.layers == concept.layers and back.embedding.shape == (MAX_VECTORS, 768)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_every_float_dtype_of_the_envelope_loads(tmp_path, concept, dtype):
     back = load_concept(save_concept(concept, tmp_path / "c.safetensors", dtype=dtype))
@@ -146,11 +180,11 @@ def safetensors_bytes(header: bytes, data: bytes = b"") -> bytes:
     return len(header).to_bytes(8, "little") + header + data
 
 
-@pytest.mark.parametrize("header", [
-    b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-    b'{"i": {"dtype": "F16", "shape": ' + b"[" * 50_000 + b"]" * 50_000 + b', "data_offsets": [0, 2]}}',
-    b"[" * 100_000 + b"]" * 100_000,
-    b'{"__metadata__": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000 + b"}",
+@pytest.mark.parametrize("header", [  # each within the header bound, each far deeper than Python's recursion limit
+    b'{"__metadata__": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+    b'{"i": {"dtype": "F16", "shape": ' + b"[" * 30_000 + b"]" * 30_000 + b', "data_offsets": [0, 2]}}',
+    b"[" * 30_000 + b"]" * 30_000,
+    b'{"__metadata__": ' + b'{"a":' * 10_000 + b"1" + b"}" * 10_000 + b"}",
 ])
 def test_deeply_nested_headers_are_a_concept_error_naming_the_file(tmp_path, header):
     path = tmp_path / "nested.safetensors"
