@@ -132,6 +132,6 @@ class PerfusionExportEmbedding:
 
     def export(self, concept, name):
         folder = folder_paths.get_folder_paths("embeddings")[0]
-        path = export_embedding(concept, os.path.join(folder, safe_file_name(name)))
+        path = export_embedding(concept, os.path.join(folder, safe_file_name(name, folder=folder)))
         message = f"wrote {path}; use embedding:{os.path.splitext(os.path.basename(path))[0]} in prompts"
         return {"ui": {"text": [message]}}

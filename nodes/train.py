@@ -24,6 +24,7 @@ from .tokenizer import check_trigger
 from .training_host import ComfyTrainingHost
 
 log = logging.getLogger("perfusion")
+CHECKPOINT = "-checkpoint"  # <save_name>-checkpoint.safetensors holds the last good state while training runs
 
 
 def square_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -156,7 +157,9 @@ class PerfusionTrainConcept:
         trigger = check_trigger(trigger_word)
         if not superclass.strip():
             raise ValueError("the superclass word is empty: say what the concept is ('cat', 'teddy', ...)")
-        file_name = safe_file_name(save_name)
+        # every file this run may write must fit the folder's file system: checked now, not after training
+        variants = ("", CHECKPOINT) if checkpoint_every else ("",)
+        file_name = safe_file_name(save_name, folder=save_dir(), variants=variants)
         settings = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr_values=lr_values,
                                  lr_embedding=lr_embedding, train_beta=train_beta, train_tau=train_tau,
                                  trained_k=trained_k, seed=seed).check()
@@ -193,7 +196,7 @@ class TrainingProgress:
         self.losses: list[float] = []
         self.preview_every = max(1, steps // 25)
         stem = file_name[: -len(".safetensors")]
-        self.checkpoint = os.path.join(save_dir(), f"{stem}-checkpoint.safetensors") if every else None
+        self.checkpoint = os.path.join(save_dir(), f"{stem}{CHECKPOINT}.safetensors") if every else None
 
     def __call__(self, step: int, loss: float) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()

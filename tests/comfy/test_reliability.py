@@ -228,3 +228,21 @@ def test_concept_info_answers_hostile_files_with_a_reason_and_keeps_serving(serv
     else:  # outside the folder: the same answer as for a missing file, nothing about the path
         assert status == 404 and "is not in models/perfusion" in body["error"] and "root:" not in body["error"], body
     assert "PerfusionApply" in server.get("/object_info", timeout=20)  # the server still serves
+
+
+# ------------------------------------------------------------------------------------------------- save names
+@pytest.mark.parametrize("save_name,checkpoint_every,message", [
+    ("名" * 100, 0, "too long for this file system"),  # 100 characters, 300 bytes
+    ("a" * 225, 1, "too long for this file system"),  # fits alone; not as <name>-checkpoint's temporary file
+    ("CON", 0, "reserved device name"),
+    ("nul.v2", 0, "reserved device name"),
+])
+def test_train_refuses_a_save_name_before_training(comfy, loaded, save_name, checkpoint_every, message):
+    text = refused_before_training(comfy, train_kwargs(loaded, save_name=save_name, checkpoint_every=checkpoint_every))
+    assert message in text
+    assert not [p for p in comfy.layout.folder("perfusion").iterdir() if p.name.startswith((".", save_name[:10]))]
+
+
+def test_export_refuses_a_name_the_file_system_cannot_hold(comfy, concept_files):
+    with pytest.raises(ValueError, match="too long for this file system"):
+        comfy.node("PerfusionExportEmbedding")().export(concept_files.concept("hugsy"), "名" * 100)

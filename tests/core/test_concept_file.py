@@ -237,10 +237,41 @@ def test_embedding_export_is_a_standard_textual_inversion_file(tmp_path, concept
     assert torch.equal(tensors["emb_params"], concept.embedding)
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "..\\x", "/abs", "", "  ", "con", "x" * 200, "bad\x00name"])
-def test_save_names_with_path_tricks_are_refused(name):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("name,message", [
+    ("../evil", "plain file name"), ("a/b", "plain file name"), ("..\\x", "plain file name"),
+    ("/abs", "plain file name"), ("", "empty"), ("  ", "empty"), ("bad\x00name", "letters, digits"),
+    ("a:b", "letters, digits"), ("what?", "letters, digits"), ("-rf", "letters, digits"),
+    ("con", "reserved device name"), ("CON", "reserved device name"), ("NUL", "reserved device name"),
+    ("Com1", "reserved device name"), ("lpt9", "reserved device name"), ("aux.v2", "reserved device name"),
+    ("prn.safetensors", "reserved device name"),
+])
+def test_save_names_are_refused_with_the_reason(name, message):
+    with pytest.raises(ValueError, match=message):
         safe_file_name(name)
+
+
+@pytest.mark.parametrize("name", ["名" * 100, "x" * 250, "ж" * 110, "é" * 120])
+def test_names_the_file_system_cannot_hold_are_refused_before_anything_is_written(tmp_path, name):
+    with pytest.raises(ValueError, match="too long for this file system.*bytes"):
+        safe_file_name(name, folder=tmp_path, variants=("", "-checkpoint"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_longest_accepted_name_saves_with_every_name_the_pack_derives(tmp_path, concept):
+    """The check is exactly what the file system takes: the longest name it accepts saves (file, checkpoint and
+    their temporary names), one character more is refused."""
+    def accepted(n):
+        try:
+            safe_file_name("a" * n, folder=tmp_path, variants=("", "-checkpoint"))
+            return True
+        except ValueError:
+            return False
+
+    longest = max(n for n in range(1, 300) if accepted(n))
+    assert not accepted(longest + 1) and longest > 100
+    stem = "a" * longest
+    for file in (f"{stem}.safetensors", f"{stem}-checkpoint.safetensors"):
+        assert load_concept(save_concept(concept, tmp_path / file)).trigger == concept.trigger
 
 
 def test_plain_save_names_are_accepted():
