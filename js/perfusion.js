@@ -1,38 +1,51 @@
-// Front-end extension of comfyui-perfusion (served through WEB_DIRECTORY = "./js").
+// Front-end extension of comfyui-perfusion (served through WEB_DIRECTORY = "./js"). Works in the 2024 front end and
+// in the current one, with classic canvas nodes and with Vue nodes ("Nodes 2.0").
 //
-// * Perfusion Train Concept: a live loss chart and step counter while training runs, from the
-//   "perfusion.train" messages the node sends each step ({node, step, steps, loss}).
-// * Perfusion Load Concept and Perfusion Apply: the concept's trigger word, superclass and recommended β/τ,
-//   from GET /perfusion/concept_info?name=<file> (nodes/routes.py). Apply follows its concept link back to the
-//   Load Concept node (through reroutes), or shows the Train node's words. Right-click Apply for
+// * Perfusion Train Concept: a live loss chart and step counter while training runs, from the "perfusion.train"
+//   messages the node sends each step ({node, step, steps, loss}); a toast when training finishes or fails.
+// * Perfusion Load Concept and Perfusion Apply: the concept's trigger word, superclass and recommended β/τ, from
+//   GET /perfusion/concept_info?name=<file> (nodes/routes.py). Apply follows its concept link back to the Load
+//   Concept node (through reroutes), or shows the Train node's words. Its node menu offers
 //   "Perfusion: recommended β/τ".
 //
-// Each node gets one canvas-drawn panel widget after its own widgets (not sent with the prompt; a saved workflow
-// stores null for it after the node's widget values). ComfyUI lays image previews out below it: the Train node's
-// server-side preview (the loss chart as a PNG) stays visible under the live chart.
+// Each node gets one panel as a DOM widget (node.addDOMWidget, in every front end since 2024): both renderers show
+// DOM widgets, while canvas-drawn widgets do not appear in Vue nodes. The panel is neither sent with the prompt
+// (options.serialize) nor saved in the workflow's widget values (widget.serialize; the 2024 front end stores a
+// trailing null for it, which loads back harmlessly).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAIN = "PerfusionTrainConcept";
 const LOAD = "PerfusionLoadConcept";
 const APPLY = "PerfusionApply";
+const PANEL = "perfusion_panel";
 const LINE_H = 16;
-const PAD = 8;
-const CHART_PANEL_H = 140;
-const INFO_PANEL_H = 3 * LINE_H + 2 * PAD;
+const WIDGET_MARGIN = 10; // both front ends inset a DOM widget by this much on each side
+const CHART_PANEL_H = 130;
+const INFO_PANEL_H = 3 * LINE_H + 12;
 const MEAN_WINDOW = 10; // the running mean of nodes/loss_chart.py
 const ERROR_TTL_MS = 5000;
-const COLORS = {
-  panel: "rgba(0, 0, 0, 0.28)",
-  frame: "#555",
-  text: "#ddd",
-  dim: "#9a9a9a",
-  raw: "#8a8a8a",
-  mean: "#5aa9ff",
-  ok: "#7fd17f",
-  warn: "#f0b35a",
-  error: "#ff6b6b",
-};
+const REFRESH_MS = 400;
+const TOAST_MS = 8000;
+const COLORS = { frame: "#555", dim: "#9a9a9a", raw: "#8a8a8a", mean: "#5aa9ff", ok: "#7fd17f", error: "#ff6b6b" };
+const STYLE = `
+.perfusion-panel { box-sizing: border-box; height: 100%; display: flex; flex-direction: column; padding: 4px 8px;
+  background: rgba(0, 0, 0, 0.28); border: 1px solid ${COLORS.frame}; border-radius: 4px; overflow: hidden;
+  font: 12px Arial, sans-serif; color: #ddd; pointer-events: none; }
+.perfusion-line { line-height: ${LINE_H}px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.perfusion-info .perfusion-error { white-space: normal; display: -webkit-box; -webkit-box-orient: vertical;
+  -webkit-line-clamp: 3; } /* an error is the only line: it may take all three */
+.perfusion-chart { flex: 1 1 0; min-height: 0; width: 100%; margin-top: 4px; border: 1px solid ${COLORS.frame}; }
+.perfusion-dim { color: ${COLORS.dim}; } .perfusion-mean { color: ${COLORS.mean}; }
+.perfusion-ok { color: ${COLORS.ok}; } .perfusion-warn { color: #f0b35a; } .perfusion-error { color: ${COLORS.error}; }
+.perfusion-toasts { position: fixed; right: 16px; bottom: 16px; z-index: 10000; display: flex; flex-direction: column;
+  gap: 8px; font: 13px Arial, sans-serif; }
+.perfusion-toast { max-width: 360px; padding: 8px 12px; border-radius: 6px; border-left: 4px solid ${COLORS.ok};
+  background: #2b2b2b; color: #eee; box-shadow: 0 2px 8px rgba(0, 0, 0, 0.5); cursor: pointer; }
+.perfusion-toast b { display: block; margin-bottom: 2px; }
+.perfusion-toast.perfusion-error { border-left-color: ${COLORS.error}; color: #eee; }
+.perfusion-toast.perfusion-warn { border-left-color: #f0b35a; color: #eee; }
+`;
 
 // ------------------------------------------------------------------------------------------ concept info
 const infoCache = new Map(); // file name -> {state: "loading"|"ok"|"error", data, at}
@@ -44,41 +57,37 @@ function conceptInfo(name) {
   if (!entry) {
     entry = { state: "loading", data: null, at: Date.now() };
     infoCache.set(name, entry);
-    api
-      .fetchApi(`/perfusion/concept_info?name=${encodeURIComponent(name)}`)
-      .then(async (response) => {
-        let body = null;
-        try {
-          body = await response.json();
-        } catch {
-          body = { error: `HTTP ${response.status}` };
-        }
-        Object.assign(entry, response.ok && !body.error
-          ? { state: "ok", data: body, at: Date.now() }
-          : { state: "error", data: { error: body?.error ?? `HTTP ${response.status}` }, at: Date.now() });
-      })
-      .catch((err) => Object.assign(entry, { state: "error", data: { error: String(err) }, at: Date.now() }))
-      .finally(() => app.graph?.setDirtyCanvas(true, false));
+    fetchInfo(name).then((result) => {
+      Object.assign(entry, result, { at: Date.now() });
+      refreshPanels();
+    });
   }
   return entry;
 }
 
-function forgetConcepts() {
-  infoCache.clear(); // a training run may have rewritten a file
-  app.graph?.setDirtyCanvas(true, false);
+async function fetchInfo(name) {
+  try {
+    const response = await api.fetchApi(`/perfusion/concept_info?name=${encodeURIComponent(name)}`);
+    const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+    if (response.ok && !body.error) return { state: "ok", data: body };
+    return { state: "error", data: { error: body?.error ?? `HTTP ${response.status}` } };
+  } catch (err) {
+    return { state: "error", data: { error: String(err) } };
+  }
 }
 
 // ---------------------------------------------------------------------------------------- graph helpers
 const classOf = (node) => node?.comfyClass ?? node?.type;
 const widget = (node, name) => node?.widgets?.find((w) => w.name === name);
 const getLink = (id) => (id == null ? null : app.graph?.links?.get?.(id) ?? app.graph?.links?.[id] ?? null);
+const graphNodes = () => app.graph?.nodes ?? app.graph?._nodes ?? [];
 
 function nodeById(id) {
   if (id == null || !app.graph) return null;
   return app.graph.getNodeById(id) ?? app.graph.getNodeById(Number(id));
 }
 
-/** The node feeding Apply's "concept" input, through reroutes. */
+/** The node feeding Apply's "concept" input, through reroute nodes. */
 function conceptSource(node) {
   let link = getLink(node.inputs?.find((i) => i.name === "concept")?.link);
   for (let hops = 0; link && hops < 32; hops++) {
@@ -91,39 +100,62 @@ function conceptSource(node) {
 
 const fmt = (x, digits = 2) => (typeof x === "number" && isFinite(x) ? x.toFixed(digits) : "?");
 
-// ---------------------------------------------------------------------------------------------- drawing
-function drawPanel(ctx, node, top, height) {
-  ctx.fillStyle = COLORS.panel;
-  ctx.strokeStyle = COLORS.frame;
-  ctx.lineWidth = 1;
-  ctx.beginPath();
-  if (ctx.roundRect) ctx.roundRect(PAD, top, node.size[0] - 2 * PAD, height - PAD, 4);
-  else ctx.rect(PAD, top, node.size[0] - 2 * PAD, height - PAD);
-  ctx.fill();
-  ctx.stroke();
-}
-
-function fitText(ctx, text, width) {
-  if (ctx.measureText(text).width <= width) return text;
-  let lo = 0;
-  let hi = text.length;
-  while (lo < hi) {
-    const mid = (lo + hi + 1) >> 1;
-    if (ctx.measureText(text.slice(0, mid) + "…").width <= width) lo = mid;
-    else hi = mid - 1;
-  }
-  return text.slice(0, lo) + "…";
-}
-
-function drawLines(ctx, node, top, lines) {
-  ctx.font = "12px Arial, sans-serif";
-  ctx.textAlign = "left";
-  ctx.textBaseline = "alphabetic";
-  const width = node.size[0] - 4 * PAD;
-  lines.forEach(([text, color], k) => {
-    ctx.fillStyle = color ?? COLORS.text;
-    ctx.fillText(fitText(ctx, text, width), 2 * PAD, top + PAD + LINE_H * (k + 1) - 4);
+// ---------------------------------------------------------------------------------------------- panels
+function addPanel(node, height, kind) {
+  const element = document.createElement("div");
+  element.className = `perfusion-panel perfusion-${kind}`;
+  element.style.minHeight = `${height}px`; // Vue nodes size the widget by its content
+  const lines = document.createElement("div");
+  element.append(lines);
+  const chart = kind === "train" ? element.appendChild(document.createElement("canvas")) : null;
+  chart?.classList.add("perfusion-chart");
+  const full = height + 2 * WIDGET_MARGIN; // the canvas renderers' layout takes the margins into the height
+  const panel = node.addDOMWidget(PANEL, "perfusion-panel", element, {
+    serialize: false,
+    hideOnZoom: false,
+    getValue: () => undefined,
+    setValue: () => {},
+    getMinHeight: () => full,
+    getMaxHeight: () => full,
   });
+  panel.serialize = false;
+  node.perfusion ??= {};
+  node.perfusion.panel = { element, lines, chart, key: null };
+  if (chart) observeChart(node, chart);
+  const size = node.computeSize();
+  node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
+}
+
+function setLines(node, lines) {
+  const panel = node.perfusion?.panel;
+  const key = JSON.stringify(lines);
+  if (!panel || panel.key === key) return;
+  panel.key = key;
+  panel.lines.replaceChildren(...lines.map(([text, tone]) => {
+    const line = document.createElement("div");
+    line.className = `perfusion-line${tone ? ` perfusion-${tone}` : ""}`;
+    line.textContent = text;
+    line.title = text;
+    return line;
+  }));
+}
+
+function observeChart(node, chart) {
+  // the chart keeps its pixels in step with its box (node resized, renderer switched)
+  const observer = new ResizeObserver(() => drawChart(node));
+  observer.observe(chart);
+  const onRemoved = node.onRemoved;
+  node.onRemoved = function () {
+    observer.disconnect();
+    return onRemoved?.apply(this, arguments);
+  };
+}
+
+function refreshPanels() {
+  for (const node of graphNodes()) {
+    const kind = classOf(node);
+    if (kind === LOAD || kind === APPLY) showInfo(node);
+  }
 }
 
 // ------------------------------------------------------------------------------------------- train node
@@ -144,100 +176,102 @@ function runningMean(values, window) {
   return out;
 }
 
+function eta(t) {
+  if (!(t.times?.length > 1)) return "";
+  const perStep = (t.times[t.times.length - 1] - t.times[0]) / (t.times.length - 1) / 1000;
+  const left = Math.round(perStep * (t.steps - t.step));
+  return ` · ${perStep.toFixed(1)} s/step · ${Math.floor(left / 60)}:${String(left % 60).padStart(2, "0")} left`;
+}
+
 function trainLabel(t) {
   const last = t.losses[t.losses.length - 1];
   switch (t.status) {
-    case "running": {
-      let eta = "";
-      if (t.times?.length > 1) {
-        const perStep = (t.times[t.times.length - 1] - t.times[0]) / (t.times.length - 1) / 1000;
-        const left = Math.round(perStep * (t.steps - t.step));
-        eta = ` · ${perStep.toFixed(1)} s/step · ${Math.floor(left / 60)}:${String(left % 60).padStart(2, "0")} left`;
-      }
-      return [`step ${t.step}/${t.steps} · loss ${fmt(last, 4)}${eta}`, COLORS.text];
-    }
+    case "running":
+      return [`step ${t.step}/${t.steps} · loss ${fmt(last, 4)}${eta(t)}`];
     case "done":
-      return [`done: ${t.steps} steps · last loss ${fmt(last, 4)}${t.message ? " · " + t.message : ""}`, COLORS.ok];
+      return t.steps
+        ? [`done: ${t.steps} steps · last loss ${fmt(last, 4)}${t.message ? " · " + t.message : ""}`, "ok"]
+        : [`done${t.message ? ": " + t.message : ""}`, "ok"];
     case "interrupted":
-      return [`interrupted at step ${t.step}/${t.steps}`, COLORS.warn];
+      return [`interrupted at step ${t.step}/${t.steps}`, "warn"];
     case "error":
-      return [`error${t.step ? ` at step ${t.step}/${t.steps}` : ""}: ${t.message}`, COLORS.error];
+      return [`error${t.step ? ` at step ${t.step}/${t.steps}` : ""}: ${t.message}`, "error"];
     default:
-      return ["loss chart: queue the prompt to train", COLORS.dim];
+      return ["loss chart: queue the prompt to train", "dim"];
   }
 }
 
-function drawTrain(ctx, node, top) {
+function showTrain(node) {
   const t = trainState(node);
-  drawPanel(ctx, node, top, CHART_PANEL_H);
   const label = trainLabel(t);
-  drawLines(ctx, node, top, [label]);
-  const x0 = 2 * PAD;
-  const y0 = top + PAD + LINE_H + 4;
-  const w = node.size[0] - 4 * PAD;
-  const h = CHART_PANEL_H - 3 * PAD - LINE_H - 4;
-  ctx.strokeStyle = COLORS.frame;
-  ctx.strokeRect(x0, y0, w, h);
-  // progress along the bottom edge
-  if (t.steps > 0) {
+  setLines(node, [label]);
+  drawChart(node);
+  t.drawn = { label: label[0], points: t.losses.length, color: COLORS.mean }; // for tests and other extensions
+}
+
+function drawChart(node) {
+  const chart = node.perfusion?.panel?.chart;
+  const t = node.perfusion?.train;
+  if (!chart || !t) return;
+  const ratio = window.devicePixelRatio || 1;
+  const w = chart.clientWidth;
+  const h = chart.clientHeight;
+  if (!w || !h) return; // not laid out (hidden, collapsed): the observer draws once it is
+  chart.width = Math.round(w * ratio);
+  chart.height = Math.round(h * ratio);
+  const ctx = chart.getContext("2d");
+  ctx.scale(ratio, ratio);
+  if (t.steps > 0) { // progress along the bottom edge
     ctx.fillStyle = t.status === "error" ? COLORS.error : COLORS.ok;
-    ctx.fillRect(x0, y0 + h - 2, (w * Math.min(t.step, t.steps)) / t.steps, 2);
+    ctx.fillRect(0, h - 2, (w * Math.min(t.step, t.steps)) / t.steps, 2);
   }
-  const n = t.losses.length;
-  if (n) {
-    let lo = Math.min(...t.losses);
-    let hi = Math.max(...t.losses);
-    if (hi - lo < 1e-12) {
-      lo -= 0.5 * Math.abs(lo || 1) * 0.1;
-      hi += 0.5 * Math.abs(hi || 1) * 0.1;
+  if (t.losses.length) plotLosses(ctx, t, w, h);
+}
+
+function plotLosses(ctx, t, w, h) {
+  let lo = Math.min(...t.losses);
+  let hi = Math.max(...t.losses);
+  if (hi - lo < 1e-12) {
+    lo -= 0.05 * Math.abs(lo || 1);
+    hi += 0.05 * Math.abs(hi || 1);
+  }
+  const span = Math.max(t.steps, t.losses.length) - 1 || 1;
+  const X = (k) => 4 + ((w - 8) * k) / span;
+  const Y = (v) => h - 6 - ((h - 12) * (v - lo)) / (hi - lo);
+  const line = (values, color, width) => {
+    ctx.strokeStyle = ctx.fillStyle = color;
+    ctx.lineWidth = width;
+    ctx.beginPath();
+    if (values.length === 1) {
+      ctx.arc(X(0), Y(values[0]), 3, 0, 2 * Math.PI);
+      ctx.fill();
+      return;
     }
-    const span = Math.max(t.steps, n) - 1 || 1;
-    const X = (k) => x0 + 4 + ((w - 8) * k) / span;
-    const Y = (v) => y0 + h - 6 - ((h - 12) * (v - lo)) / (hi - lo);
-    const line = (values, color, width) => {
-      ctx.strokeStyle = color;
-      ctx.fillStyle = color;
-      ctx.lineWidth = width;
-      if (values.length === 1) {
-        ctx.beginPath();
-        ctx.arc(X(0), Y(values[0]), 3, 0, 2 * Math.PI);
-        ctx.fill();
-        return;
-      }
-      ctx.beginPath();
-      values.forEach((v, k) => (k ? ctx.lineTo(X(k), Y(v)) : ctx.moveTo(X(k), Y(v))));
-      ctx.stroke();
-    };
-    line(t.losses, COLORS.raw, 1);
-    line(runningMean(t.losses, MEAN_WINDOW), COLORS.mean, 2);
-    ctx.lineWidth = 1;
-    ctx.font = "10px Arial, sans-serif";
-    ctx.fillStyle = COLORS.dim;
-    ctx.textAlign = "right";
-    ctx.fillText(fmt(hi, 4), x0 + w - 4, y0 + 11);
-    ctx.fillText(fmt(lo, 4), x0 + w - 4, y0 + h - 6);
-    ctx.textAlign = "left";
-  }
-  // what was drawn, for tests and for other extensions
-  t.drawn = { label: label[0], points: n, chart: [x0, y0, w, h], color: COLORS.mean };
+    values.forEach((v, k) => (k ? ctx.lineTo(X(k), Y(v)) : ctx.moveTo(X(k), Y(v))));
+    ctx.stroke();
+  };
+  line(t.losses, COLORS.raw, 1);
+  line(runningMean(t.losses, MEAN_WINDOW), COLORS.mean, 2);
+  ctx.font = "10px Arial, sans-serif";
+  ctx.fillStyle = COLORS.dim;
+  ctx.textAlign = "right";
+  ctx.fillText(fmt(hi, 4), w - 4, 11);
+  ctx.fillText(fmt(lo, 4), w - 4, h - 6);
 }
 
 // ------------------------------------------------------------------------------------ load / apply nodes
 function infoLines(entry, name, source) {
-  if (!name) return [["connect a Perfusion Load Concept or Train node", COLORS.dim]];
-  if (!entry || entry.state === "loading") return [[`reading ${name} …`, COLORS.dim]];
-  if (entry.state === "error") return [[`⚠ ${entry.data.error}`, COLORS.error]];
+  if (!name) return [["connect a Perfusion Load Concept or Train node", "dim"]];
+  if (!entry || entry.state === "loading") return [[`reading ${name} …`, "dim"]];
+  if (entry.state === "error") return [[`⚠ ${entry.data.error}`, "error"]];
   const c = entry.data;
-  if (c.pending) {
-    return [[`trigger "${c.trigger}" → superclass "${c.superclass}"`, COLORS.text],
-      ["recommended β/τ: once the concept is saved", COLORS.dim], [source, COLORS.dim]];
-  }
+  const words = [`trigger "${c.trigger}" → superclass "${c.superclass}"`];
+  if (c.pending) return [words, ["recommended β/τ: once the concept is saved", "dim"], [source, "dim"]];
   return [
-    [`trigger "${c.trigger}" → superclass "${c.superclass}"`, COLORS.text],
-    [`β/τ local ${fmt(c.beta_local)}/${fmt(c.tau_local)} · global ${fmt(c.beta_global)}/${fmt(c.tau_global)}`,
-      COLORS.mean],
+    words,
+    [`β/τ local ${fmt(c.beta_local)}/${fmt(c.tau_local)} · global ${fmt(c.beta_global)}/${fmt(c.tau_global)}`, "mean"],
     [source ?? `${c.layers} layers · ${(c.size / 1024).toFixed(1)} KB · ${c.trained_k ? "trained K" : "keys locked"}`,
-      COLORS.dim],
+      "dim"],
   ];
 }
 
@@ -263,12 +297,10 @@ function conceptOf(node) {
   return { name: null, entry: null };
 }
 
-function drawInfo(ctx, node, top) {
+function showInfo(node) {
   const { name, entry, source } = conceptOf(node);
   const lines = infoLines(entry, name, source);
-  drawPanel(ctx, node, top, INFO_PANEL_H);
-  drawLines(ctx, node, top, lines);
-  node.perfusion ??= {};
+  setLines(node, lines);
   node.perfusion.drawn = { name, lines: lines.map(([text]) => text), info: entry?.state === "ok" ? entry.data : null };
 }
 
@@ -286,36 +318,50 @@ function setRecommended(node, lock) {
   node.setDirtyCanvas(true, true);
 }
 
-// ------------------------------------------------------------------------------------------ extension
-function addPanel(node, height, draw) {
-  // A canvas-drawn widget: it takes its height in the node's layout, and is neither sent nor converted to an input.
-  node.addCustomWidget({
-    name: "perfusion_panel",
-    type: "perfusion-panel",
-    value: null,
-    serialize: false,
-    options: { serialize: false },
-    serializeValue: () => undefined,
-    computeSize: (width) => [width ?? node.size[0], height],
-    draw(ctx, node_, width, y) {
-      if (node.flags?.collapsed) return;
-      ctx.save();
-      try {
-        draw(ctx, node, y);
-      } catch (err) {
-        console.warn("[perfusion] drawing failed", err);
-      } finally {
-        ctx.restore();
-      }
-    },
-  });
-  const size = node.computeSize();
-  node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
+function recommendedItems(node) {
+  const { entry } = conceptOf(node);
+  if (entry?.state !== "ok" || entry.data.pending) return [];
+  return ["local", "global"].map((lock) => ({
+    content: `Perfusion: recommended β/τ (${lock} lock)`,
+    callback: () => setRecommended(node, lock),
+  }));
 }
 
+// ---------------------------------------------------------------------------------------------- toasts
+function toast(severity, summary, detail) {
+  const manager = app.extensionManager?.toast;
+  if (manager?.add) manager.add({ severity, summary, detail, life: TOAST_MS });
+  else fallbackToast(severity, summary, detail);
+}
+
+function fallbackToast(severity, summary, detail) {
+  // the 2024 front end has no toast service: a small box in the corner, gone after TOAST_MS or on click
+  let stack = document.querySelector(".perfusion-toasts");
+  if (!stack) {
+    stack = document.createElement("div");
+    stack.className = "perfusion-toasts";
+    document.body.append(stack);
+  }
+  const box = document.createElement("div");
+  box.className = `perfusion-toast perfusion-${severity}`;
+  box.setAttribute("role", "status");
+  const title = document.createElement("b");
+  title.textContent = summary;
+  box.append(title, detail);
+  box.addEventListener("click", () => box.remove());
+  stack.append(box);
+  setTimeout(() => box.remove(), TOAST_MS);
+}
+
+// ------------------------------------------------------------------------------------ execution events
+const trainNode = (id) => {
+  const node = nodeById(id);
+  return classOf(node) === TRAIN ? node : null;
+};
+
 function onTrainMessage({ detail }) {
-  const node = nodeById(detail?.node);
-  if (!node || classOf(node) !== TRAIN) return;
+  const node = trainNode(detail?.node);
+  if (!node) return;
   const t = trainState(node);
   if (t.status !== "running" || detail.step <= 1 || detail.step < t.step) {
     Object.assign(t, { status: "running", losses: [], times: [], message: "" });
@@ -324,66 +370,84 @@ function onTrainMessage({ detail }) {
   t.steps = detail.steps;
   t.losses.push(Number(detail.loss));
   t.times.push(performance.now());
-  node.setDirtyCanvas(true, false);
+  showTrain(node);
+}
+
+function onExecuted({ detail }) {
+  const node = trainNode(detail?.display_node ?? detail?.node);
+  if (!node) return;
+  const t = trainState(node);
+  const trained = t.status === "running"; // not a cached result replayed
+  t.status = "done";
+  t.message = detail.output?.text?.[0] ?? "";
+  showTrain(node);
+  if (trained) toast("success", "Perfusion: training finished", `${t.steps} steps · ${t.message}`);
+  infoCache.clear(); // the run may have rewritten a concept file
+  refreshPanels();
+  refreshCombos();
+}
+
+function refreshCombos() {
+  // the new file appears in Load Concept lists; the current front end's reloadNodeDefs does it without toasts
+  if (app.reloadNodeDefs) app.reloadNodeDefs();
+  else app.refreshComboInNodes?.();
 }
 
 function onFailure(status) {
   return ({ detail }) => {
-    const node = nodeById(detail?.node_id);
-    if (!node || classOf(node) !== TRAIN) return;
+    const node = trainNode(detail?.node_id);
+    if (!node) return;
     const t = trainState(node);
     t.status = status;
     t.message = detail.exception_message?.trim?.() ?? "";
-    node.setDirtyCanvas(true, false);
+    showTrain(node);
+    if (status === "error") toast("error", "Perfusion: training failed", t.message);
+    else toast("warn", "Perfusion: training interrupted", `at step ${t.step}/${t.steps}`);
   };
 }
 
+// ------------------------------------------------------------------------------------------ extension
 app.registerExtension({
   name: "perfusion.core",
 
   async setup() {
+    const style = document.createElement("style");
+    style.textContent = STYLE;
+    document.head.append(style);
     api.addEventListener("perfusion.train", onTrainMessage);
+    api.addEventListener("executed", onExecuted);
     api.addEventListener("execution_error", onFailure("error"));
     api.addEventListener("execution_interrupted", onFailure("interrupted"));
+    // Vue nodes run no canvas draw per node, and a change upstream (a combo, a reroute) fires no event on Apply:
+    // re-read the labels a few times a second; the DOM only changes when the text does
+    setInterval(refreshPanels, REFRESH_MS);
+  },
+
+  // the current front end's node menu hook (classic and Vue nodes)
+  getNodeMenuItems(node) {
+    return classOf(node) === APPLY ? recommendedItems(node) : [];
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name === TRAIN) {
-      const onExecuted = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (output) {
-        const r = onExecuted?.apply(this, arguments);
-        const t = trainState(this);
-        t.status = "done";
-        t.message = output?.text?.[0] ?? "";
-        forgetConcepts();
-        app.refreshComboInNodes?.(); // the new file appears in Load Concept lists
-        return r;
-      };
-    }
-    if (nodeData.name === APPLY) {
-      const getExtraMenuOptions = nodeType.prototype.getExtraMenuOptions;
-      nodeType.prototype.getExtraMenuOptions = function (_, options) {
-        const r = getExtraMenuOptions?.apply(this, arguments);
-        const { entry } = conceptOf(this);
-        if (entry?.state === "ok" && !entry.data.pending) {
-          options.unshift(
-            { content: "Perfusion: recommended β/τ (local lock)", callback: () => setRecommended(this, "local") },
-            { content: "Perfusion: recommended β/τ (global lock)", callback: () => setRecommended(this, "global") },
-            null,
-          );
-        }
-        return r;
-      };
-    }
+    if (nodeData.name !== APPLY || typeof app.collectNodeMenuItems === "function") return;
+    // the 2024 front end has no menu hook: extend the node's own menu
+    const getExtraMenuOptions = nodeType.prototype.getExtraMenuOptions;
+    nodeType.prototype.getExtraMenuOptions = function (_, options) {
+      const r = getExtraMenuOptions?.apply(this, arguments);
+      const items = recommendedItems(this);
+      if (items.length) options.unshift(...items, null);
+      return r;
+    };
   },
 
   nodeCreated(node) {
     const kind = classOf(node);
     if (kind === TRAIN) {
-      trainState(node);
-      addPanel(node, CHART_PANEL_H, drawTrain);
+      addPanel(node, CHART_PANEL_H, "train");
+      showTrain(node);
     } else if (kind === LOAD || kind === APPLY) {
-      addPanel(node, INFO_PANEL_H, drawInfo);
+      addPanel(node, INFO_PANEL_H, "info");
+      showInfo(node);
     }
   },
 });
