@@ -43,7 +43,11 @@ class AppliedConcept:
 
 
 class JointEdit:
-    """Eq. 4 for J applied concepts: one :class:`SharedContext`, one :class:`EditedProjection` per layer/path."""
+    """Eq. 4 for J applied concepts: one :class:`SharedContext`, one :class:`EditedProjection` per layer/path.
+
+    A concept at strength 0 takes no part (``applied`` keeps it, ``active`` does not): the remainder of Eq. 10 would
+    still remove its target input from every encoding, so the edit is built from the others alone and is exactly the
+    edit without it. With no concept left, ``shared`` is None and every projection is the host's own."""
 
     def __init__(self, applied: list[AppliedConcept], gated: bool = True):
         if not applied:
@@ -56,22 +60,27 @@ class JointEdit:
                     "layers: they were trained for different model families"
                 )
         self.applied, self.layers = list(applied), layers
-        concepts = [entry.concept for entry in applied]
+        self.active = [entry for entry in applied if entry.strength > 0]
+        self.shared = self.locked = None
+        if not self.active:
+            return
+        concepts = [entry.concept for entry in self.active]
         stack = ConceptStack(
             torch.stack([c.target_input for c in concepts]),
             torch.stack([c.target_key for c in concepts]),
-            torch.tensor([entry.beta for entry in applied]),
-            torch.tensor([entry.tau for entry in applied]),
+            torch.tensor([entry.beta for entry in self.active]),
+            torch.tensor([entry.tau for entry in self.active]),
             gated=gated,
-            strength=[entry.strength for entry in applied],
+            strength=[entry.strength for entry in self.active],
         )
         self.shared = SharedContext(stack, torch.stack([c.superclass_encoding for c in concepts]))
-        self.locked = torch.tensor([entry.lock == "local" for entry in applied])
+        self.locked = torch.tensor([entry.lock == "local" for entry in self.active])
 
     def targets(self, layer: str, path: str) -> torch.Tensor:
-        """Stored target outputs ``(J, out)`` of ``layer`` for ``path`` 'k' or 'v' (zeros where K is locked)."""
+        """Stored target outputs ``(J, out)`` of the active concepts' ``layer`` for ``path`` 'k' or 'v' (zeros where
+        K is locked)."""
         rows = []
-        for entry in self.applied:
+        for entry in self.active:
             c = entry.concept
             if path == "v":
                 rows.append(c.value_outputs[layer])
@@ -81,7 +90,10 @@ class JointEdit:
                 rows.append(torch.zeros_like(c.value_outputs[layer]))
         return torch.stack(rows)
 
-    def projection(self, layer: str, path: str, project: Projection) -> EditedProjection:
-        """The edited forward of ``layer``'s ``to_k`` (``path='k'``) or ``to_v`` (``'v'``) around ``project``."""
+    def projection(self, layer: str, path: str, project: Projection) -> Projection:
+        """The edited forward of ``layer``'s ``to_k`` (``path='k'``) or ``to_v`` (``'v'``) around ``project``;
+        ``project`` itself when every concept is at strength 0."""
+        if not self.active:
+            return project
         locked = self.locked if path == "k" else None
         return EditedProjection(project, self.shared, self.targets(layer, path), locked)

@@ -88,7 +88,7 @@ class EditedAttention:
 class ForgeEdit:
     """What :func:`install` put on a patcher clone (for checks and counters)."""
 
-    def __init__(self, context_patch: ContextPatch, replacements: dict[str, EditedAttention]):
+    def __init__(self, context_patch: ContextPatch | None, replacements: dict[str, EditedAttention]):
         self.context_patch, self.replacements = context_patch, replacements
 
     @property
@@ -100,7 +100,10 @@ def install(patcher, edit: JointEdit, attention: Attention, key_context=None) ->
     """Put the edit on ``patcher`` (a *clone*: Forge's ``UnetPatcher`` or ComfyUI's ``ModelPatcher``).
 
     ``attention(q, k, v, heads)`` is the host's attention (Forge: ``backend.attention.attention_function``).
-    A replace patch already registered for a block (by block or by transformer block) is chained."""
+    A replace patch already registered for a block (by block or by transformer block) is chained. With every
+    concept at strength 0 nothing is installed."""
+    if not edit.active:
+        return ForgeEdit(None, {})
     unet = patcher.model.diffusion_model
     keys = {block_key(layer) for layer in edit.layers}
     context_patch = ContextPatch(keys, key_context)

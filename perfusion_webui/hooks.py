@@ -77,6 +77,8 @@ class HookedEdit:
         self.edit = edit
         self.handles: list = []
         self.projections: dict[tuple[str, str], _Projection] = {}
+        if not edit.active:  # every concept at strength 0: the modules stay exactly as the host has them
+            return
         attentions = {layer: root.get_submodule(layer) for layer in edit.layers}  # KeyError-free: fail first
         try:
             for layer, attention in attentions.items():

@@ -14,12 +14,14 @@ from perfusion_ops.edit import JointEdit
 class GateMonitor:
     def __init__(self, edit: JointEdit):
         self.shared = edit.shared
-        # with strengths the stack hands out s·g: report the gate itself (s = 0 is reported as off)
-        self.strengths = torch.tensor([entry.strength for entry in edit.applied], dtype=torch.float32)
-        self._scale = torch.where(self.strengths > 0, self.strengths, torch.ones_like(self.strengths))
-        self.peak = torch.zeros(len(edit.applied))
+        self.strengths = [entry.strength for entry in edit.applied]
+        # the stack holds the active concepts (strength > 0) and hands out s·g: report the gate itself
+        self._scale = torch.tensor([entry.strength for entry in edit.active], dtype=torch.float32)
+        self.peak = torch.zeros(len(edit.active))
         self.contexts = 0
         self._last = None
+        if self.shared is None:  # every concept at strength 0: nothing to watch
+            return
         prepare = self.shared.prepare
 
         def monitored(context):
@@ -37,13 +39,15 @@ class GateMonitor:
         self.shared.prepare = monitored
 
     def report(self, names: list[str]) -> str:
-        if self.contexts == 0:
+        if self.contexts == 0 and self.shared is not None:
             return "the edit saw no text context (nothing sampled?)"
+        peaks = iter(self.peak.cpu().tolist())
         parts = []
-        for name, peak, strength in zip(names, self.peak.cpu().tolist(), self.strengths.tolist()):
+        for name, strength in zip(names, self.strengths):
             if strength == 0:
                 parts.append(f"{name}: strength 0 (off)")
                 continue
+            peak = next(peaks)
             note = "" if peak >= 0.5 else " — below 0.5: is the trigger word in the prompt?"
             parts.append(f"{name}: gate peaked at {peak:.2f}{note}")
         return "; ".join(parts)

@@ -246,3 +246,23 @@ def test_train_refuses_a_save_name_before_training(comfy, loaded, save_name, che
 def test_export_refuses_a_name_the_file_system_cannot_hold(comfy, concept_files):
     with pytest.raises(ValueError, match="too long for this file system"):
         comfy.node("PerfusionExportEmbedding")().export(concept_files.concept("hugsy"), "名" * 100)
+
+
+# ------------------------------------------------------------------------------------------------- strength 0
+def test_apply_at_strength_zero_is_no_concept(comfy, loaded, concept_files):
+    """Chained after hugsy, zorbo at strength 0 leaves hugsy's edit bit for bit; alone, it leaves the model's own
+    projections (README: 0 leaves the model exactly as without it)."""
+    from test_inference import apply, projections
+
+    model, clip, _ = loaded
+    a, b = concept_files.concept("hugsy"), concept_files.concept("zorbo")
+    context = torch.randn(2, 77, 768) * 0.5
+    context[0, 5], context[1, 7] = a.target_input, b.target_input
+    hugsy = apply(comfy, model, clip, a, 0.6, 0.15)
+    alone = projections(comfy, hugsy[0], context)
+    with_off = projections(comfy, apply(comfy, *hugsy, b, 0.6, 0.15, strength=0.0)[0], context)
+    plain = projections(comfy, model, context)
+    only_off = projections(comfy, apply(comfy, model, clip, b, 0.6, 0.15, strength=0.0)[0], context)
+    for layer in plain:
+        assert all(torch.equal(x, y) for x, y in zip(with_off[layer], alone[layer])), layer
+        assert all(torch.equal(x, y) for x, y in zip(only_off[layer], plain[layer])), layer

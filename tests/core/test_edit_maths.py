@@ -210,3 +210,42 @@ def test_strength_scales_each_concept_term_from_host_to_full_edit():
     assert torch.allclose(run([0.3, 0.7]), blend, atol=1e-4)
     with pytest.raises(ValueError, match="one strength per concept"):
         ConceptStack(inputs.float(), keys.float(), 0.6, 0.15, strength=[1.0])
+
+
+def correlated_concepts(correlation, seed=50):
+    """Concepts A and B (q = C⁻¹ i each) whose target inputs have metric correlation ``correlation``
+    (i_A·C⁻¹ i_B / (|i_A| |i_B|) in the C⁻¹ metric)."""
+    cov = covariance()
+    inverse = ridge_inverse(cov, ridge=0)
+    a, b = (random_concept(seed=seed + n, layers={"layer": OUT}, covariance=cov, trigger=t)
+            for n, t in enumerate(("conca", "concb")))
+    i_a, other = a.target_input.double(), b.target_input.double()
+    norm = lambda v: v / (v @ inverse @ v).sqrt()
+    unit_a = norm(i_a)
+    across = norm(other - (other @ inverse @ unit_a) * unit_a)  # metric-orthogonal to i_A
+    i_b = (correlation * unit_a + (1 - correlation**2) ** 0.5 * across) * (other @ inverse @ other).sqrt()
+    b.target_input, b.target_key = i_b.float(), (inverse @ i_b).float()
+    assert abs(float(i_a @ inverse @ i_b / ((i_a @ inverse @ i_a) * (i_b @ inverse @ i_b)).sqrt()) - correlation) < 1e-6
+    return cov, a.validate(), b.validate()
+
+
+@pytest.mark.parametrize("correlation", [0.0, 0.3, 0.7])
+def test_a_strength_zero_concept_leaves_the_edit_exactly_as_without_it(correlation):
+    """'0 leaves the model exactly as without the tag': B at strength 0 next to A is A alone, bit for bit, whatever
+    their inputs' correlation (the remainder of Eq. 10 no longer spans i_B), and with every concept at 0 the
+    projection is the host's own."""
+    cov, a, b = correlated_concepts(correlation)
+    w = torch.randn(OUT, D, generator=torch.Generator().manual_seed(8)) / D**0.5
+    host = lambda x: x @ w.T
+    e = sample_encodings(cov, 40, seed=9).float().reshape(2, 20, D)
+    e[0, 3], e[1, 7] = a.target_input, b.target_input  # both gates open somewhere
+    alone = JointEdit([AppliedConcept(a, 0.6, 0.15)])
+    for applied in ([AppliedConcept(a, 0.6, 0.15), AppliedConcept(b, 0.5, 0.2, strength=0.0)],
+                    [AppliedConcept(b, 0.5, 0.2, strength=0.0), AppliedConcept(a, 0.6, 0.15)]):
+        joint = JointEdit(applied)
+        for path in "kv":
+            assert torch.equal(joint.projection("layer", path, host)(e), alone.projection("layer", path, host)(e))
+    off = JointEdit([AppliedConcept(a, 0.6, 0.15, strength=0.0), AppliedConcept(b, 0.5, 0.2, strength=0.0)])
+    assert all(off.projection("layer", path, host) is host for path in "kv")
+    with_b = JointEdit([AppliedConcept(a, 0.6, 0.15), AppliedConcept(b, 0.5, 0.2)]).projection("layer", "v", host)(e)
+    assert not torch.allclose(with_b, alone.projection("layer", "v", host)(e))  # B at strength 1 does change it

@@ -118,3 +118,25 @@ def test_global_key_lock_through_the_attn2_patch(host):
         assert torch.allclose(patched[layer], hooked[layer], rtol=0, atol=1e-5 * hooked[layer].abs().max().item())
         assert not torch.allclose(patched[layer][0], local[layer][0])  # row 0 is locked ...
         assert torch.allclose(patched[layer][1], local[layer][1], rtol=0, atol=1e-6)  # ... the uncond row is not
+
+
+def test_strength_zero_concepts_take_no_part_in_the_forge_route(host):
+    """B at strength 0 is A alone, bit for bit; all at 0 installs nothing on the clone."""
+    from dataclasses import replace
+
+    attention, unet, patcher = host
+    e = context_with_triggers(concepts(2))
+    a, b = applied()
+
+    def blocks_with(entries):
+        clone = patcher.clone()
+        installed = forge_patches.install(clone, JointEdit(entries), attention.optimized_attention)
+        return run_blocks(unet, clone.model_options["transformer_options"], e), installed, clone
+
+    alone, _, _ = blocks_with([a])
+    with_off, _, _ = blocks_with([a, replace(b, strength=0.0)])
+    assert all(torch.equal(with_off[layer], alone[layer]) for layer in SMALL_LAYERS)
+    plain = run_blocks(unet, patcher.model_options["transformer_options"], e)
+    off, installed, clone = blocks_with([replace(a, strength=0.0), replace(b, strength=0.0)])
+    assert installed.calls == 0 and clone.model_options == patcher.model_options
+    assert all(torch.equal(off[layer], plain[layer]) for layer in SMALL_LAYERS)

@@ -127,6 +127,37 @@ def test_one_a1111_generation(webui):
     script.postprocess(p, None)
 
 
+def test_a_tag_at_strength_zero_leaves_the_generation_as_without_it(webui):
+    """<perfusion:kitto:0> next to hugsy: exactly hugsy alone (README: 0 leaves the model exactly as without the
+    tag), whatever the two concepts' inputs have in common; alone, it hooks nothing."""
+    save_concept(make_concept(1, SMALL_LAYERS, "hugsy", "teddy"), webui.folder / "hugsy.safetensors")
+    save_concept(make_concept(2, SMALL_LAYERS, "kitto", "cat"), webui.folder / "kitto.safetensors")
+    unet = attention_unet(SMALL_LAYERS, seed=5)
+    p = Processing(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet)), ["hugsy and kitto"])
+    script = webui.host.PerfusionScript()
+    script.process(p)  # registers the extra network
+    network = webui.registry["perfusion"]
+    layer = next(iter(SMALL_LAYERS))
+    attn = unet.get_submodule(layer)
+    context = torch.randn(2, 7, 768)
+    context[0, 2] = webui.host.library().load(webui.folder / "hugsy.safetensors").target_input
+    context[1, 3] = webui.host.library().load(webui.folder / "kitto.safetensors").target_input
+
+    def outputs(*tags):
+        script.process(p)
+        network.activate(p, [Params(list(tag)) for tag in tags])
+        try:
+            return attn.to_k(context), attn.to_v(context), sorted(hooked_modules(unet))
+        finally:
+            network.deactivate(p)
+
+    alone, with_off = outputs(["hugsy"]), outputs(["hugsy"], ["kitto", "0"])
+    assert all(torch.equal(x, y) for x, y in zip(alone[:2], with_off[:2])) and alone[2] == with_off[2]
+    host = (attn.to_k(context), attn.to_v(context))
+    only_off = outputs(["kitto", "0"])
+    assert only_off[2] == [] and all(torch.equal(x, y) for x, y in zip(only_off[:2], host))
+
+
 def test_errors_are_reported_in_the_infotext_and_leave_nothing_behind(webui):
     unet = attention_unet(SMALL_LAYERS, seed=5)
     p = Processing(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet)), ["x"])
