@@ -24,7 +24,6 @@ const WIDGET_MARGIN = 10; // both front ends inset a DOM widget by this much on 
 const CHART_PANEL_H = 130;
 const INFO_PANEL_H = 3 * LINE_H + 12;
 const MEAN_WINDOW = 10; // the running mean of nodes/loss_chart.py
-const ERROR_TTL_MS = 5000;
 const REFRESH_MS = 400;
 const TOAST_MS = 8000;
 const COLORS = { frame: "#555", dim: "#9a9a9a", raw: "#8a8a8a", mean: "#5aa9ff", ok: "#7fd17f", error: "#ff6b6b" };
@@ -48,21 +47,27 @@ const STYLE = `
 `;
 
 // ------------------------------------------------------------------------------------------ concept info
-const infoCache = new Map(); // file name -> {state: "loading"|"ok"|"error", data, at}
+// file name -> {state: "loading"|"ok"|"error", data}; errors included, so a missing file is asked for once. Cleared
+// when the front end refreshes its file lists and after training, the two ways a file appears or changes.
+const infoCache = new Map();
 
 function conceptInfo(name) {
   if (!name) return null;
   let entry = infoCache.get(name);
-  if (entry && entry.state === "error" && Date.now() - entry.at > ERROR_TTL_MS) entry = null;
   if (!entry) {
-    entry = { state: "loading", data: null, at: Date.now() };
+    entry = { state: "loading", data: null };
     infoCache.set(name, entry);
     fetchInfo(name).then((result) => {
-      Object.assign(entry, result, { at: Date.now() });
+      Object.assign(entry, result);
       refreshPanels();
     });
   }
   return entry;
+}
+
+function forgetConcepts() {
+  infoCache.clear();
+  refreshPanels();
 }
 
 async function fetchInfo(name) {
@@ -382,13 +387,12 @@ function onExecuted({ detail }) {
   t.message = detail.output?.text?.[0] ?? "";
   showTrain(node);
   if (trained) toast("success", "Perfusion: training finished", `${t.steps} steps · ${t.message}`);
-  infoCache.clear(); // the run may have rewritten a concept file
-  refreshPanels();
-  refreshCombos();
+  refreshCombos(); // the run wrote a concept file: new in the lists, and its cached info is stale
 }
 
 function refreshCombos() {
-  // the new file appears in Load Concept lists; the current front end's reloadNodeDefs does it without toasts
+  // both call the extensions' refreshComboInNodes hook (below); the current front end's reloadNodeDefs is the one
+  // without "update requested" toasts
   if (app.reloadNodeDefs) app.reloadNodeDefs();
   else app.refreshComboInNodes?.();
 }
@@ -438,6 +442,11 @@ app.registerExtension({
       if (items.length) options.unshift(...items, null);
       return r;
     };
+  },
+
+  // the user refreshed the file lists (or training did): files may have appeared, changed or gone
+  refreshComboInNodes() {
+    forgetConcepts();
   },
 
   nodeCreated(node) {

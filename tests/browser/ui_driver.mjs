@@ -5,7 +5,8 @@
 // settings choose the renderer before the page loads; the driver only reports what the page runs).
 // plan: {url, artifacts, renderer, timeout_ms, train_timeout_ms, gallery: {name: workflow},
 //        train: {workflow, node}, fail: {workflow, node}, labels: {workflow, load_node, apply_node, corrupt}}
-// result: {frontend, prompts: {name: graphToPrompt().output}, missing: {name: [types]}, train, fail, labels,
+// result: {frontend, prompts: {name: graphToPrompt().output}, missing: {name: [types]},
+//          saved: {name: {node id: widgets_values of the Perfusion nodes}}, train, fail, labels,
 //          page_errors, console_errors: [{text, url}], screenshots, log}
 import { chromium } from "playwright-core";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -14,7 +15,7 @@ import { tmpdir } from "node:os";
 
 const [planPath, resultPath] = process.argv.slice(2);
 const plan = JSON.parse(readFileSync(planPath, "utf8"));
-const result = { prompts: {}, missing: {}, page_errors: [], console_errors: [], screenshots: [], log: [] };
+const result = { prompts: {}, missing: {}, saved: {}, page_errors: [], console_errors: [], screenshots: [], log: [] };
 const save = () => writeFileSync(resultPath, JSON.stringify(result, null, 1));
 const log = (msg) => {
   result.log.push(`${new Date().toISOString()} ${msg}`);
@@ -188,10 +189,13 @@ async function loadGallery() {
       const missing = wf.nodes.map((n) => n.type).filter((t) => !(t in LiteGraph.registered_node_types));
       await window.__perfusion.load(wf);
       const prompt = await app.graphToPrompt();
-      return { missing, output: prompt.output };
+      const saved = Object.fromEntries(app.graph.serialize().nodes.filter((n) => n.type.startsWith("Perfusion"))
+        .map((n) => [n.id, n.widgets_values]));
+      return { missing, output: prompt.output, saved };
     }, workflow);
     result.prompts[name] = out.output;
     result.missing[name] = out.missing;
+    result.saved[name] = out.saved;
     await settle();
     await shot(`workflow-${name}`);
     log(`loaded ${name}`);
