@@ -28,9 +28,11 @@ class SharedContext:
     The ``e_sup`` rows ride along in the host call so that a key-locked projection gets ``o_K = W_K e_sup``
     (Sec. 4.4) from the host's *current* weights — LoRA patches and fine-tunes included — at no extra call.
     Entries are keyed on the context's storage and layout (``data_ptr``, shape, strides, dtype, device): autograd's
-    saved-tensor hooks (gradient checkpointing) may hand the same tensor back as a new Python object. The entry
-    keeps a strong reference to its context, so that storage cannot be freed and reused while cached; a few slots
-    cover CFG runs that send cond and uncond separately.
+    saved-tensor hooks (gradient checkpointing) may hand the same tensor back as a new Python object. The key also
+    holds the tensor's version counter, so a context changed in place is prepared afresh. Inference tensors
+    (``torch.inference_mode``, ComfyUI's sampling) carry no version counter; for them the key is storage and
+    layout alone. The entry keeps a strong reference to its context, so that storage cannot be freed and reused
+    while cached; a few slots cover CFG runs that send cond and uncond separately.
     """
 
     def __init__(self, stack: ConceptStack, superclass_encodings: Tensor, slots: int = 4):
@@ -43,7 +45,8 @@ class SharedContext:
 
     def prepare(self, context: Tensor) -> Prepared:
         """``e⊥`` (Eq. 10) and gates (Eq. 3) of every token of ``context`` ``(..., D)``, computed once per context."""
-        key = (context.data_ptr(), tuple(context.shape), context.stride(), context.dtype, context.device)
+        version = None if context.is_inference() else context._version
+        key = (context.data_ptr(), tuple(context.shape), context.stride(), context.dtype, context.device, version)
         hit = self._cache.get(key)
         if hit is not None:
             return hit[1]

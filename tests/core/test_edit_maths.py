@@ -249,3 +249,19 @@ def test_a_strength_zero_concept_leaves_the_edit_exactly_as_without_it(correlati
     assert all(off.projection("layer", path, host) is host for path in "kv")
     with_b = JointEdit([AppliedConcept(a, 0.6, 0.15), AppliedConcept(b, 0.5, 0.2)]).projection("layer", "v", host)(e)
     assert not torch.allclose(with_b, alone.projection("layer", "v", host)(e))  # B at strength 1 does change it
+
+
+def test_an_in_place_change_of_the_context_is_seen():
+    """The per-context cache keys on the tensor's version too: a context changed in place (same storage, same
+    shape) gets fresh gates and remainders, not the ones of its old values."""
+    concept = random_concept(layers={"a": 8})
+    edit = JointEdit([AppliedConcept(concept, 0.7, 0.15)])
+    module = torch.nn.Linear(D, 8, bias=False)
+    projection = edit.projection("a", "v", module)
+    with torch.no_grad():
+        context = torch.randn(1, 77, D)
+        before = projection(context)
+        context[0, 5] = concept.target_input  # the trigger appears: its gate must open
+        after = projection(context)
+        fresh = projection(context.clone())
+    assert torch.equal(after, fresh) and not torch.equal(after, before)
