@@ -26,7 +26,9 @@ const INFO_PANEL_H = 3 * LINE_H + 12;
 const MEAN_WINDOW = 10; // the running mean of nodes/loss_chart.py
 const REFRESH_MS = 400;
 const TOAST_MS = 8000;
-const COLORS = { frame: "#555", dim: "#9a9a9a", raw: "#8a8a8a", mean: "#5aa9ff", ok: "#7fd17f", error: "#ff6b6b" };
+const COLORS = {
+  frame: "#555", dim: "#9a9a9a", raw: "#8a8a8a", mean: "#5aa9ff", ok: "#7fd17f", warn: "#f0b35a", error: "#ff6b6b",
+};
 const STYLE = `
 .perfusion-panel { box-sizing: border-box; height: 100%; display: flex; flex-direction: column; padding: 4px 8px;
   background: rgba(0, 0, 0, 0.28); border: 1px solid ${COLORS.frame}; border-radius: 4px; overflow: hidden;
@@ -36,14 +38,14 @@ const STYLE = `
   -webkit-line-clamp: 3; } /* an error is the only line: it may take all three */
 .perfusion-chart { flex: 1 1 0; min-height: 0; width: 100%; margin-top: 4px; border: 1px solid ${COLORS.frame}; }
 .perfusion-dim { color: ${COLORS.dim}; } .perfusion-mean { color: ${COLORS.mean}; }
-.perfusion-ok { color: ${COLORS.ok}; } .perfusion-warn { color: #f0b35a; } .perfusion-error { color: ${COLORS.error}; }
+.perfusion-ok { color: ${COLORS.ok}; } .perfusion-warn { color: ${COLORS.warn}; } .perfusion-error { color: ${COLORS.error}; }
 .perfusion-toasts { position: fixed; right: 16px; bottom: 16px; z-index: 10000; display: flex; flex-direction: column;
   gap: 8px; font: 13px Arial, sans-serif; }
 .perfusion-toast { max-width: 360px; padding: 8px 12px; border-radius: 6px; border-left: 4px solid ${COLORS.ok};
   background: #2b2b2b; color: #eee; box-shadow: 0 2px 8px rgba(0, 0, 0, 0.5); cursor: pointer; }
 .perfusion-toast b { display: block; margin-bottom: 2px; }
 .perfusion-toast.perfusion-error { border-left-color: ${COLORS.error}; color: #eee; }
-.perfusion-toast.perfusion-warn { border-left-color: #f0b35a; color: #eee; }
+.perfusion-toast.perfusion-warn { border-left-color: ${COLORS.warn}; color: #eee; }
 `;
 
 // ------------------------------------------------------------------------------------------ concept info
