@@ -45,13 +45,23 @@ class Activation:
     def infotext(self) -> dict[str, str]:
         return format_infotext(self.tags, self.hashes)
 
+    def triggers_in(self, texts: list[str]) -> list[str]:
+        """The trigger words (whole word, any case) that occur in any of ``texts``, in tag order."""
+        found = {m.group(1).lower() for text in texts for m in _words_pattern(self.triggers()).finditer(text)}
+        return [c.trigger for c in self.concepts if c.trigger.lower() in found]
+
+
+def _words_pattern(words) -> re.Pattern:
+    """Whole-word, case-insensitive occurrences of any of ``words`` (longest first), as group 1."""
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(r"(?<![\w])(" + alternatives + r")(?![\w])", re.IGNORECASE)
+
 
 def replace_words(text: str, words: dict[str, str]) -> str:
     """``text`` with whole-word, case-insensitive occurrences of the keys of ``words`` replaced by their values."""
     if not words:
         return text
-    pattern = r"(?<![\w])(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")(?![\w])"
-    return re.sub(pattern, lambda m: words[m.group(1).lower()], text, flags=re.IGNORECASE)
+    return _words_pattern(words).sub(lambda m: words[m.group(1).lower()], text)
 
 
 def activate(tags: list[PerfusionTag], library: ConceptLibrary, layer_widths: dict[str, int],

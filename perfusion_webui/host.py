@@ -246,12 +246,17 @@ class ExtraNetworkPerfusion(extra_networks.ExtraNetwork):
                         for n, c, a, t in zip(act.names, act.concepts, act.applied, act.tags))
             route = "forward hooks" if STATE.hooks is not None else "UnetPatcher attn2 patches"
             print(f"{LOG} {', '.join(settings)}" + (" with global key lock" if STATE.keys else "") + f", via {route}")
+            for trigger in act.triggers_in(list(getattr(p, "negative_prompts", None) or [])):
+                print(f"{LOG} '{trigger}' is in the negative prompt: the concept applies there too and steers the "
+                      "image away from it (remove the word from the negative prompt if that is not meant)")
         except (TagError, ConceptError, ValueError) as err:
+            # A refused tag is the user's input, not a fault: one line with the reason (A1111 would print a whole
+            # traceback for a raise) and the infotext; the generation runs without the edit.
             STATE.clear()
             message = str(err)
             p.extra_generation_params["Perfusion error"] = message.replace(",", ";")
             p.comment(f"Perfusion: {message}")
-            raise
+            print(f"{LOG} {message}; generating without Perfusion")
 
     def deactivate(self, p):
         STATE.clear()

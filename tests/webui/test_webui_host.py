@@ -158,14 +158,35 @@ def test_a_tag_at_strength_zero_leaves_the_generation_as_without_it(webui):
     assert only_off[2] == [] and all(torch.equal(x, y) for x, y in zip(only_off[:2], host))
 
 
-def test_errors_are_reported_in_the_infotext_and_leave_nothing_behind(webui):
+BAD_TAGS = [  # (tag items, the reason the console line and the infotext give)
+    (["missing"], "no Perfusion concept named 'missing'"),
+    (["hugsy", "beta=abc"], "beta 'abc' is not a number"),
+    (["hugsy", "3"], "strength 3.0 must be in [0; 2]"),
+    (["hugsy", "lock=sideways"], "lock 'sideways' must be one of"),
+    (["hugsy", "color=red"], "unknown setting 'color=red'"),
+    (["corrupt"], "'corrupt.safetensors' is truncated or not a safetensors file"),
+    (["skip2"], "set 'Clip skip' to 2"),
+    (["hugsy", "0.5", "0.7"], "strength is given twice"),
+]
+
+
+@pytest.mark.parametrize("items,reason", BAD_TAGS)
+def test_a_refused_tag_is_one_console_line_and_the_infotext_not_a_traceback(webui, capsys, items, reason):
+    """A1111 prints the whole traceback of anything activate() raises ('activating extra network perfusion ...'):
+    a refused tag is instead one line with the reason, the generation runs without the edit, nothing is left."""
+    save_concept(make_concept(1, SMALL_LAYERS, "hugsy", "teddy"), webui.folder / "hugsy.safetensors")
+    save_concept(make_concept(4, SMALL_LAYERS, "layered", "dog", clip_layer=-2), webui.folder / "skip2.safetensors")
+    (webui.folder / "corrupt.safetensors").write_bytes(b"\x10" + bytes(20))
     unet = attention_unet(SMALL_LAYERS, seed=5)
     p = Processing(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet)), ["x"])
     webui.host.PerfusionScript().process(p)
-    with pytest.raises(Exception, match="no Perfusion concept named 'missing'"):
-        webui.registry["perfusion"].activate(p, [Params(["missing"])])
-    assert "no Perfusion concept named 'missing'" in p.extra_generation_params["Perfusion error"]
+    capsys.readouterr()
+    webui.registry["perfusion"].activate(p, [Params(items)])  # returns: A1111 would print a traceback otherwise
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[Perfusion] ") and reason.replace(";", ",") in lines[0], lines
+    assert reason in p.extra_generation_params["Perfusion error"]
     assert p.comments and hooked_modules(unet) == [] and not webui.db.word_embeddings
+    assert webui.host.STATE.activation is None
 
 
 def test_settings_folder_and_paste(webui, tmp_path):
@@ -214,3 +235,23 @@ def test_global_key_lock_a1111(webui):
     assert state.keys.matched_rows == 1
     webui.registry["perfusion"].deactivate(p)
     assert hooked_modules(unet) == []
+
+
+def test_a_trigger_in_the_negative_prompt_is_applied_there_and_said_so(webui, capsys):
+    """Chosen behaviour: the trigger word means the concept wherever it is written, as in ComfyUI and as a
+    textual inversion in the negative prompt does; the console says so, once."""
+    save_concept(make_concept(1, SMALL_LAYERS, "hugsy", "teddy"), webui.folder / "hugsy.safetensors")
+    unet = attention_unet(SMALL_LAYERS, seed=5)
+    sd_model = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet))
+    notes = {}
+    for negative in ("blurry, low quality", "blurry, Hugsy, low quality"):
+        p = Processing(sd_model, ["a photo of hugsy"])
+        p.negative_prompts = [negative]
+        webui.host.PerfusionScript().process(p)
+        capsys.readouterr()
+        webui.registry["perfusion"].activate(p, [Params(["hugsy"])])
+        notes[negative] = [line for line in capsys.readouterr().out.splitlines() if "negative prompt" in line]
+        webui.registry["perfusion"].deactivate(p)
+    assert notes["blurry, low quality"] == []
+    assert len(notes["blurry, Hugsy, low quality"]) == 1
+    assert "'hugsy' is in the negative prompt" in notes["blurry, Hugsy, low quality"][0]
