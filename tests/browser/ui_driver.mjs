@@ -179,7 +179,7 @@ async function start() {
     node_menu_hook: typeof app.collectNodeMenuItems === "function",
   }));
   await page.keyboard.press("Escape"); // whatever opened on first start (a dialog, a panel)
-  log(`UI ready: ${JSON.stringify(result.frontend)}`);
+  log(`UI ready (${plan.renderer} nodes requested): ${JSON.stringify(result.frontend)}`);
 }
 
 async function loadGallery() {
