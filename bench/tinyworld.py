@@ -1,24 +1,25 @@
-"""Proof that Perfusion learns: a small text-to-image world trained here, and the paper's key claims in it (issue #6).
+"""Proof that Perfusion learns, v2: a CLIP-like tiny world, and the paper's claims measured with enough seeds to decide.
 
-1. The world (``bench/tinyworld/``): procedural 32×32 scenes with captions; a 1.2M-parameter v-prediction UNet with
-   SD1.5's block structure and cross-attention, conditioned by the pretrained all-MiniLM-L6-v2 text encoder; a
-   fine-tuned copy (outlined objects); a feature net trained on the renderer's labels. Trained once, cached.
-2. Two personal concepts the world never saw (novel colour teal / pink with a texture), 5 renderings each, trained
-   with the project's own Perfusion loop (``perfusion_ops.training``) through ``bench/tinyworld/host.py``:
-   key-locked (the paper), trained-K (Fig. 9b ablation), and embedding-only (textual inversion).
-3. Measured on fixed seeds: caption control of the world model; visual fidelity (a direct pixel statistic: the
-   object-colour histogram intersection with the renderings; the feature-net cosine is reported beside it); text
-   alignment (procedural checks of position, background, colour, size); the fidelity–alignment plane as β sweeps; two concepts in one prompt; transfer to the fine-tuned copy.
+1. The world (``bench/tinyworld/``): procedural 32×32 scenes with captions; a tiny CLIP (causal text tower, image
+   CNN) trained contrastively on them and frozen; a 1.2M-parameter v-prediction UNet with SD1.5's block structure
+   conditioned on the CLIP's last hidden states; a fine-tuned copy in another style (outlined objects); a feature
+   net. Trained once, cached. ``--encoder minilm`` builds the earlier world on the pretrained all-MiniLM-L6-v2.
+2. Two personal concepts the world never saw (novel colours teal / pink with a texture), trained with the project's
+   own Perfusion loop (``perfusion_ops.training``) through ``bench/tinyworld/host.py``: key-locked (the paper),
+   trained-K (Fig. 9b), embedding-only (textual inversion), and key-locked from one rendering (Fig. 8).
+3. ``--runs`` independent runs (own concept renderings, training seed and sampling seeds), each measured on fixed
+   seeds: fidelity (object-colour histogram intersection with the renderings) and text alignment (procedural checks
+   of position, background, colour, size; two per prompt) per β; two concepts in one prompt (left/right, top/bottom)
+   with every gate at every token; transfer to the fine-tuned copy. Figures pool the runs' images and carry standard
+   errors; lock_gain has a bootstrap standard error and a verdict that must hold in every run.
 
-Run: .venv/bin/python bench/tinyworld.py --threads 2   (trains the world on first use, ~36 min on 2 cores; then ~5 min;
-``--quick`` for a tiny smoke run)
-Writes under --out: results.md (table), results.json, pareto.png, samples.png; last line is the summary.
+Run: .venv/bin/python bench/tinyworld.py --threads 2   (trains the world on first use; ``--quick``: smoke run)
+Writes under --out: results.md (tables), results.json, pareto.png, samples.png, log.txt; last line is the summary.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from dataclasses import replace
@@ -31,36 +32,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 from bench.common import machine  # noqa: E402
 from bench.tinyworld import render as R  # noqa: E402
+from bench.tinyworld import report  # noqa: E402
 from bench.tinyworld.host import TinyWorldHost, concept_images, drawer, train_concept, train_embedding_only  # noqa: E402
-from bench.tinyworld.measure import SMALL_AREA, analyse, colour_fidelity, cosine_fidelity, template_shape, to_rgb255  # noqa: E402
-from bench.tinyworld.text import TextEncoder  # noqa: E402
+from bench.tinyworld.measure import SMALL_AREA, analyse, colour_fidelity, outline_score, template_shape  # noqa: E402
+from bench.tinyworld.stats import bootstrap_gain, front_gain, mean_se, summarise, verdict  # noqa: E402
 from bench.tinyworld.train_world import WorldSettings, build_world, load_world, world_path  # noqa: E402
 from perfusion_ops.covariance import ridge_inverse  # noqa: E402
-from perfusion_ops.edit import AppliedConcept  # noqa: E402
-from perfusion_ops.training import TrainSettings  # noqa: E402
+from perfusion_ops.edit import AppliedConcept, JointEdit  # noqa: E402
+from perfusion_ops.stack import gate, similarity  # noqa: E402
+from perfusion_ops.training import TEMPLATES, TrainSettings  # noqa: E402
 
 CONCEPTS = {  # trigger -> (the thing, its superclass word); both colours are absent from the world's data
     "sks": (R.Thing("square", "teal", "striped", "large", "center"), "square"),
     "zwx": (R.Thing("circle", "pink", "dotted", "large", "center"), "circle"),
 }
 FIDELITY_TEMPLATES = ("a photo of a {}", "A photograph of {}")
-ALIGNMENT = [  # (prompt template, check name, expected value)
-    ("a photo of a {} on the left", "position", "left"),
-    ("a photo of a {} on the right", "position", "right"),
-    ("a photo of a {} at the top", "position", "top"),
-    ("a photo of a {} at the bottom", "position", "bottom"),
-    ("a photo of a {} on a black background", "background", "black"),
-    ("a photo of a {} on a white background", "background", "white"),
-    ("a photo of a red {}", "colour", "red"),
-    ("a photo of a yellow {}", "colour", "yellow"),
-    ("a photo of a small {}", "size", "small"),
+ALIGNMENT = [  # (prompt template, checks); an image scores the fraction of its prompt's checks it passes
+    ("a photo of a {} on the left on a black background", {"position": "left", "background": "black"}),
+    ("a photo of a {} on the right on a white background", {"position": "right", "background": "white"}),
+    ("a photo of a small {} at the top", {"size": "small", "position": "top"}),
+    ("a photo of a small {} at the bottom", {"size": "small", "position": "bottom"}),
+    ("a photo of a red {} on the right", {"colour": "red", "position": "right"}),
+    ("a photo of a yellow {} at the bottom", {"colour": "yellow", "position": "bottom"}),
+    ("a photo of a {} at the top on a black background", {"position": "top", "background": "black"}),
+    ("a photo of a small {} on a white background", {"size": "small", "background": "white"}),
 ]
+LAYOUTS = {"left/right": (("on the left", "on the right"), ("left", "right")),
+           "top/bottom": (("at the top", "at the bottom"), ("top", "bottom"))}
+NAMED = ("yellow triangle", "blue diamond")  # ordinary objects beside a concept, their colour named
 
 
 def passes(info: dict, check: str, expected: str) -> bool:
     if check == "size":
         return 8 <= info["area"] < SMALL_AREA
     return info.get(check) == expected
+
+
+def half(images: torch.Tensor, side: str) -> torch.Tensor:
+    """The half of each image where ``side`` ('left', 'right', 'top', 'bottom') lies."""
+    return {"left": images[..., :16], "right": images[..., 16:], "top": images[..., :16, :],
+            "bottom": images[..., 16:, :]}[side]
 
 
 class Bench:
@@ -72,413 +83,352 @@ class Bench:
         print(msg, flush=True)
         self.log_lines.append(msg)
 
-    # -- measurements ---------------------------------------------------------------------------------------
+    # -- the world ------------------------------------------------------------------------------------------
     def control(self, host: TinyWorldHost, features) -> dict:
-        """Caption control of the world model: fully specified single-object captions, and two-object ones."""
-        rng = random.Random(1234)
+        """Caption control of the world model: fully specified one-object captions, and two-object captions (each
+        object the colour named for its place), on fixed seeds; every figure with its standard error."""
+        rng = np.random.default_rng(1234)
+        pick = lambda seq: seq[int(rng.integers(len(seq)))]
         prompts, wants = [], []
         for _ in range(self.args.control):
-            t = R.Thing(rng.choice(R.SHAPES), rng.choice(list(R.COLOURS)), rng.choice(R.TEXTURES),
-                        rng.choice(list(R.SIZES)), rng.choice(list(R.POSITIONS)))
-            bg = rng.choice(list(R.BACKGROUNDS))
+            t = R.Thing(pick(R.SHAPES), pick(list(R.COLOURS)), pick(R.TEXTURES), pick(list(R.SIZES)), pick(list(R.POSITIONS)))
+            bg = pick(list(R.BACKGROUNDS))
             words = dict.fromkeys(("size", "colour", "texture", "position", "background"), True)
             prompts.append(R.caption(R.Scene((t,), bg), "a photo of a {}", words))
             wants.append((t, bg))
         images = host.sample(prompts, list(range(len(prompts))), steps=self.args.steps)
         infos, pred = analyse(images), features.predict(images)
-        acc = {k: [] for k in ("colour", "shape", "position", "background", "size", "texture", "shape_featnet")}
+        acc = {k: [] for k in ("colour", "shape", "position", "background", "size", "texture")}
         for k, ((t, bg), info) in enumerate(zip(wants, infos)):
             acc["colour"].append(info["colour"] == t.colour)
             acc["shape"].append(template_shape(info["mask"]) == t.shape)
-            acc["shape_featnet"].append(pred["shape"][k] == t.shape)
             acc["position"].append(info["position"] == t.position)
             acc["background"].append(info["background"] == bg)
             acc["size"].append(pred["size"][k] == t.size)
             acc["texture"].append(pred["texture"][k] == t.texture)
-        out = {k: float(np.mean(v)) for k, v in acc.items()}
-        out["control"] = float(np.mean([out["colour"], out["shape"], out["position"]]))
-        # two objects: each half's object has the colour named for its side
-        pairs, prompts = [], []
-        for _ in range(self.args.control // 3):
-            a, b = rng.sample(list(R.COLOURS), 2)
-            sa, sb = rng.choice(R.SHAPES), rng.choice(R.SHAPES)
-            prompts.append(f"a photo of a {a} {sa} on the left and a {b} {sb} on the right")
-            pairs.append((a, b))
-        images = host.sample(prompts, list(range(100, 100 + len(prompts))), steps=self.args.steps)
-        ok = []
-        for img, (a, b) in zip(images, pairs):
-            left, right = analyse(img[None, :, :, :16])[0], analyse(img[None, :, :, 16:])[0]
-            ok.append(left["colour"] == a and right["colour"] == b)
-        out["two_objects"] = float(np.mean(ok))
-        out["samples"] = images[:8]
-        return out
+        pairs = []
+        for layout, (phrases, sides) in LAYOUTS.items():
+            for _ in range(self.args.control // 4):
+                a, b = (str(c) for c in rng.choice(list(R.COLOURS), 2, replace=False))
+                pairs.append((f"a photo of a {a} {pick(R.SHAPES)} {phrases[0]} and a {b} {pick(R.SHAPES)} {phrases[1]}",
+                              layout, (a, b)))
+        two = host.sample([p for p, _, _ in pairs], list(range(5000, 5000 + len(pairs))), steps=self.args.steps)
+        for img, (_, layout, colours) in zip(two, pairs):
+            sides = LAYOUTS[layout][1]
+            acc.setdefault(f"two objects {layout}", []).append(
+                all(analyse(half(img[None], s))[0]["colour"] == c for s, c in zip(sides, colours)))
+        out = {k: mean_se(v) for k, v in acc.items()}
+        out["control"] = (float(np.mean([out[k][0] for k in ("colour", "shape", "position")])), float("nan"))
+        return {"figures": out, "samples": torch.cat([images[:6], two[: self.args.control // 4][:3],
+                                                      two[self.args.control // 4:][:3]])}
 
-    def evaluate(self, host: TinyWorldHost, features, subject: str, references: torch.Tensor, applied=(),
-                 embeddings=(), seed: int = 0) -> dict:
-        """Fidelity on neutral prompts and alignment on attribute prompts around ``subject`` (fixed seeds)."""
+    # -- one point of the plane -----------------------------------------------------------------------------
+    def evaluate(self, host: TinyWorldHost, subject: str, references: torch.Tensor, seed: int, applied=(),
+                 embeddings=()) -> dict:
+        """Per-image fidelity on neutral prompts and per-image alignment on attribute prompts around ``subject``."""
         a = self.args
         fid_prompts = [t.format(subject) for t in FIDELITY_TEMPLATES for _ in range(a.fid_seeds)]
-        fid_seeds = [seed + k for k in range(len(fid_prompts))]
-        al = [(t.format(subject), c, e) for t, c, e in ALIGNMENT for _ in range(a.align_seeds)]
-        al_seeds = [seed + 1000 + k for k in range(len(al))]
-        images = host.sample(fid_prompts + [p for p, _, _ in al], fid_seeds + al_seeds, list(applied),
-                             list(embeddings), steps=a.steps)
+        al = [(t.format(subject), checks) for t, checks in ALIGNMENT for _ in range(a.align_seeds)]
+        seeds = [seed + k for k in range(len(fid_prompts))] + [seed + 1000 + k for k in range(len(al))]
+        images = host.sample(fid_prompts + [p for p, _ in al], seeds, list(applied), list(embeddings), steps=a.steps)
         fid_images, al_images = images[: len(fid_prompts)], images[len(fid_prompts):]
-        with torch.no_grad():
-            feature_fidelity = cosine_fidelity(features.features(fid_images), features.features(references))
-        fidelity = torch.from_numpy(colour_fidelity(fid_images, references))
         by_check: dict[str, list[bool]] = {}
-        for (_, check, expected), info in zip(al, analyse(al_images)):
-            by_check.setdefault(check, []).append(passes(info, check, expected))
-        alignment = float(np.mean([x for v in by_check.values() for x in v]))
-        gates = {}
-        if applied:  # how open the concept's gate is at its own trigger token, in each prompt set
-            from perfusion_ops.edit import JointEdit
-            stack = JointEdit(list(applied)).shared.stack
-            for name, prompts in (("gate_fid", fid_prompts[:: a.fid_seeds]), ("gate_align", [t.format(subject) for t, _, _ in ALIGNMENT])):
-                context, slots = host.context(prompts, [x.concept for x in applied])
-                g = stack.split(context)[1]
-                gates[name] = float(np.mean([float(g[b, slot[0], 0]) for b, slot in enumerate(slots[subject.lower()])]))
-        outline = np.array(R.OUTLINE, np.float32)
-        outlined = [float((np.linalg.norm(img - outline, axis=-1) < 45).sum() >= 6) for img in to_rgb255(images)]
-        return {"fidelity": float(fidelity.mean()), "fidelity_sem": float(fidelity.std() / len(fidelity) ** 0.5),
-                "fidelity_features": float(feature_fidelity.mean()),
-                "alignment": alignment, **{f"align_{k}": float(np.mean(v)) for k, v in by_check.items()},
-                **gates, "outlined": float(np.mean(outlined)),
-                "samples": torch.cat([fid_images[:4], al_images[:: a.align_seeds][:8]])}
+        scores = []
+        for (_, checks), info in zip(al, analyse(al_images)):
+            ok = [passes(info, c, e) for c, e in checks.items()]
+            for (c, _), x in zip(checks.items(), ok):
+                by_check.setdefault(c, []).append(x)
+            scores.append(np.mean(ok))
+        return {"fid": colour_fidelity(fid_images, references), "align": np.array(scores),
+                "checks": {k: float(np.mean(v)) for k, v in by_check.items()},
+                "outline": outline_score(fid_images), "samples": torch.cat([fid_images[:4], al_images[:: a.align_seeds][:8]])}
 
-    def multi(self, host, concepts: dict, beta: float) -> dict:
-        """Two concepts trained separately in one prompt: each in place, and each gate shut on the other's token."""
-        s1, s2 = concepts["sks"], concepts["zwx"]
-        applied = [AppliedConcept(s1, beta, 0.15), AppliedConcept(s2, beta, 0.15)]
-        colour = {"sks": np.array(R.NOVEL_COLOURS["teal"], np.float32), "zwx": np.array(R.NOVEL_COLOURS["pink"], np.float32)}
-        prompts, sides = [], []
-        for left, right in (("sks", "zwx"), ("zwx", "sks")):
-            for _ in range(self.args.multi_seeds):
-                prompts.append(f"a photo of a {left} on the left and a {right} on the right")
-                sides.append((left, right))
-        images = host.sample(prompts, [500 + k for k in range(len(prompts))], applied, steps=self.args.steps)
+    # -- two concepts in one prompt -------------------------------------------------------------------------
+    def composed(self, host: TinyWorldHost, applied: list[AppliedConcept], refs: dict, seed: int,
+                 global_lock: bool = False) -> dict:
+        """Both concepts in place: each half holds an object whose colour make-up matches its own concept's
+        renderings (histogram intersection above 0.3 and above the other concept's). Also a concept beside an
+        ordinary object whose colour is named."""
+        a = self.args
+        jobs = []  # (prompt, [(side, expected trigger or colour name)])
+        for layout, (phrases, sides) in LAYOUTS.items():
+            for first, second in (("sks", "zwx"), ("zwx", "sks")):
+                jobs += [(f"a photo of a {first} {phrases[0]} and a {second} {phrases[1]}",
+                          [(sides[0], first), (sides[1], second)], "two", layout)] * a.multi_seeds
+                obj = NAMED[first == "zwx"]
+                jobs += [(f"a photo of a {first} {phrases[0]} and a {obj} {phrases[1]}",
+                          [(sides[0], first), (sides[1], obj.split()[0])], "named", layout)] * (a.multi_seeds // 2)
+        images = host.sample([j[0] for j in jobs], [seed + 7000 + k for k in range(len(jobs))], applied,
+                             steps=a.steps, global_lock=global_lock)
+        ok = {"two": [], "named": [], **{f"two {layout}": [] for layout in LAYOUTS}}
+        for img, (_, wants, kind, layout) in zip(images, jobs):
+            good = []
+            for side, want in wants:
+                part = half(img[None], side)
+                if want in refs:
+                    mine, other = (colour_fidelity(part, refs[t])[0] for t in (want, next(t for t in refs if t != want)))
+                    good.append(mine > 0.3 and mine > other)
+                else:
+                    good.append(analyse(part)[0]["colour"] == want)
+            ok[kind].append(all(good))
+            if kind == "two":
+                ok[f"two {layout}"].append(all(good))
+        firsts = [k for k, j in enumerate(jobs) if j[2] == "two"][:: a.multi_seeds]
+        return {"in_place": {k: np.array(v, np.float64) for k, v in ok.items()}, "samples": images[firsts]}
 
-        def nearest(info):  # which concept colour the half's object is closer to (None: no object)
-            if info["colour"] is None:
-                return None
-            rgb = info["mean_rgb"]
-            return min(colour, key=lambda t: float(np.linalg.norm(rgb - colour[t])))
+    def gate_tables(self, host: TinyWorldHost, applied: list[AppliedConcept], prompts: list[str]) -> list[dict]:
+        """Per prompt and token: each concept's similarity s (Eq. 3) and gate g."""
+        stack = JointEdit(applied).shared.stack
+        out = []
+        for prompt in prompts:
+            context, slots = host.context([prompt], [x.concept for x in applied])
+            names = host.text.token_names(prompt, [x.concept.trigger for x in applied])
+            e = context[0, : len(names)]
+            s = similarity(e.float(), stack.inputs, stack.keys)
+            out.append({"prompt": prompt, "tokens": names, "s": s.numpy().round(3).tolist(),
+                        "g": gate(s, stack.beta, stack.tau).numpy().round(3).tolist(),
+                        "slots": {t: v[0][0] for t, v in slots.items()}})
+        return out
 
-        ok = []
-        for img, (left, right) in zip(images, sides):
-            l_info, r_info = analyse(img[None, :, :, :16])[0], analyse(img[None, :, :, 16:])[0]
-            ok.append(nearest(l_info) == left and nearest(r_info) == right)
-        # gates on the prompt's own encodings
-        context, slots = host.context([prompts[0]], [s1, s2])
-        from perfusion_ops.edit import JointEdit
-        _, gates = JointEdit(applied).shared.stack.split(context[0])
-        g = gates.numpy()
-        i1, i2 = slots["sks"][0][0], slots["zwx"][0][0]
-        others = [k for k in range(int((context[0].abs().amax(-1) > 0).sum())) if k not in (i1, i2)]
-        return {"both_in_place": float(np.mean(ok)), "gate_s1_at_s1": float(g[i1, 0]), "gate_s2_at_s2": float(g[i2, 1]),
-                "gate_s1_at_s2": float(g[i2, 0]), "gate_s2_at_s1": float(g[i1, 1]),
-                "gate_max_other_tokens": float(g[others].max()), "samples": images[:8]}
+    def diagnose(self, host: TinyWorldHost, concept, inverse: torch.Tensor, embedding0: torch.Tensor) -> dict:
+        """Where a concept's gate opens: s at its trigger in every training template; how far i moved from e_sup
+        (C⁻¹ metric); s at the bare superclass word; how far the embedding moved from the superclass word's."""
+        c = concept
+        q, i, e_sup = c.target_key.float(), c.target_input.float(), c.superclass_encoding.float()
+        s = lambda e: float(e @ q / (i @ q))
+        norm = lambda v: float((v @ inverse @ v).sqrt())
+        train_s = []
+        for template in TEMPLATES:
+            context, slots = host.context([template.format(c.trigger)], [c])
+            train_s.append(s(context[0, slots[c.trigger][0][0]]))
+        return {"s_train_mean": float(np.mean(train_s)), "s_train_min": float(np.min(train_s)),
+                "s_train_max": float(np.max(train_s)), "s_at_superclass": s(e_sup),
+                "i_moved": norm(i - e_sup) / norm(e_sup), "cos_i_esup": float(torch.cosine_similarity(i, e_sup, 0)),
+                "embedding_moved": float((c.embedding.float() - embedding0).norm() / embedding0.norm())}
 
-    # -- the run --------------------------------------------------------------------------------------------
+    # -- one independent run --------------------------------------------------------------------------------
+    def run_once(self, r: int, host: TinyWorldHost, tuned: TinyWorldHost, inverse: torch.Tensor, grids: list) -> dict:
+        a = self.args
+        seed = a.seed + r
+        t0 = time.time()
+        data, refs, one_shot = {}, {}, None
+        for trigger, (thing, _) in CONCEPTS.items():
+            images, masks = concept_images(thing, "gray", a.shots, seed=7 + 1000 * r)
+            data[trigger], refs[trigger] = drawer(images, masks, trigger), images
+            if trigger == "sks":
+                one_shot = drawer(images[:1], masks[:1], trigger)
+            if r == 0:
+                grids.append((f"{trigger} renderings", images))
+        ts = TrainSettings(steps=a.concept_steps, batch_size=a.concept_batch, grad_accum=1, seed=seed, ema_decay=a.ema_decay)
+        trained = {}
+        for name, trigger, draw, trained_k in (("locked", "sks", data["sks"], False), ("trained-K", "sks", data["sks"], True),
+                                               ("locked", "zwx", data["zwx"], False), ("1-shot", "sks", one_shot, False)):
+            c0 = time.time()
+            concept, losses = train_concept(host, trigger, CONCEPTS[trigger][1], inverse, draw, replace(ts, trained_k=trained_k))
+            trained[(name, trigger)] = concept
+            self.log(f"[tinyworld] run {r}: trained {trigger} ({name}): loss {np.mean(losses[:10]):.4f} → "
+                     f"{np.mean(losses[-10:]):.4f} in {time.time() - c0:.0f}s")
+        ti, _ = train_embedding_only(host, "sks", "square", data["sks"], a.concept_steps, a.concept_batch, a.ti_lr, seed)
+        train_s = time.time() - t0
+
+        t = time.time()
+        locked, trained_k = trained[("locked", "sks")], trained[("trained-K", "sks")]
+        points = []
+        eval_seed = 100_000 * (r + 1)
+
+        def point(method, beta, model, result):
+            label = f"{method[:14]} b={beta}" if beta is not None else method
+            if r == 0:
+                grids.append((label + (" FT" if model != "base" else ""), result.pop("samples")))
+            result.pop("samples", None)
+            points.append({"run": r, "method": method, "beta": beta, "model": model, **result})
+            self.log(f"[tinyworld] run {r}: {model:9s} {method:22s} β={beta if beta is not None else '-'}: fidelity "
+                     f"{result['fid'].mean():.3f} alignment {result['align'].mean():.3f} "
+                     + " ".join(f"{k}={v:.2f}" for k, v in result["checks"].items()))
+
+        ev = lambda h, subject, **kw: self.evaluate(h, subject, refs["sks"], eval_seed, **kw)
+        point("superclass only", None, "base", ev(host, "square"))
+        point("embedding only (TI)", None, "base", ev(host, "sks", embeddings=[ti]))
+        for beta in a.betas:
+            point("key-locked", beta, "base", ev(host, "sks", applied=[AppliedConcept(locked, beta, a.tau, "local")]))
+            point("trained-K", beta, "base", ev(host, "sks", applied=[AppliedConcept(trained_k, beta, a.tau, "trained-k")]))
+        point("key-locked 1-shot", a.beta, "base",
+              ev(host, "sks", applied=[AppliedConcept(trained[("1-shot", "sks")], a.beta, a.tau, "local")]))
+        point("superclass only", None, "finetuned", ev(tuned, "square"))
+        point("key-locked", a.beta, "finetuned", ev(tuned, "sks", applied=[AppliedConcept(locked, a.beta, a.tau, "local")]))
+        point("trained-K", a.beta, "finetuned",
+              ev(tuned, "sks", applied=[AppliedConcept(trained_k, a.beta, a.tau, "trained-k")]))
+        plane_s = time.time() - t
+
+        t = time.time()
+        pair = [AppliedConcept(locked, a.beta, a.tau), AppliedConcept(trained[("locked", "zwx")], a.beta, a.tau)]
+        multi = {}
+        for mode, global_lock in (("local lock", False), ("global lock", True)):
+            m = self.composed(host, pair, refs, eval_seed, global_lock)
+            if r == 0:
+                grids.append((f"sks+zwx {mode}", m["samples"]))
+            multi[mode] = m["in_place"]
+            self.log(f"[tinyworld] run {r}: two concepts, {mode}: " + " ".join(
+                f"{k}={v.mean():.3f}" for k, v in m["in_place"].items()))
+        base_pair = self.composed_baseline(host, refs, eval_seed)
+        prompts = [f"a photo of a {x} {LAYOUTS[l][0][0]} and a {y} {LAYOUTS[l][0][1]}" for l in LAYOUTS
+                   for x, y in (("sks", "zwx"), ("zwx", "sks"))]
+        tables = self.gate_tables(host, pair, prompts)
+        cross = max(max(tb["g"][tb["slots"]["zwx"]][0], tb["g"][tb["slots"]["sks"]][1]) for tb in tables)
+        own = min(min(tb["g"][tb["slots"]["sks"]][0], tb["g"][tb["slots"]["zwx"]][1]) for tb in tables)
+        others = max(max(g for k, row in enumerate(tb["g"]) if k not in tb["slots"].values() for g in row) for tb in tables)
+        self.log(f"[tinyworld] run {r}: gates in the composed prompts: own trigger ≥ {own:.3f}, other's trigger ≤ "
+                 f"{cross:.3f}, other tokens ≤ {others:.3f}")
+        multi_s = time.time() - t
+
+        diagnosis = {f"{trigger} ({name})": self.diagnose(host, concept, inverse, host.superclass(CONCEPTS[trigger][1])[0][0])
+                     for (name, trigger), concept in trained.items()}
+        for k, v in diagnosis.items():
+            self.log(f"[tinyworld] run {r}: {k}: " + " ".join(f"{n}={x:.3f}" for n, x in v.items()))
+        return {"points": points, "multi": multi, "multi_superclass": base_pair, "gate_tables": tables,
+                "cross_gate": cross, "own_gate_min": own, "other_tokens_gate_max": others, "diagnosis": diagnosis,
+                "timings": {"train_s": train_s, "plane_s": plane_s, "multi_s": multi_s}}
+
+    def composed_baseline(self, host: TinyWorldHost, refs: dict, seed: int) -> float:
+        """Superclass words in the two-object prompts: how often the halves match the concepts by chance."""
+        prompts, wants = [], []
+        for layout, (phrases, sides) in LAYOUTS.items():
+            prompts += [f"a photo of a square {phrases[0]} and a circle {phrases[1]}"] * self.args.multi_seeds
+            wants += [sides] * self.args.multi_seeds
+        images = host.sample(prompts, [seed + 9000 + k for k in range(len(prompts))], steps=self.args.steps)
+        ok = [colour_fidelity(half(img[None], s0), refs["sks"])[0] > 0.3 and
+              colour_fidelity(half(img[None], s1), refs["zwx"])[0] > 0.3 for img, (s0, s1) in zip(images, wants)]
+        return float(np.mean(ok))
+
+    # -- the whole bench ------------------------------------------------------------------------------------
     def run(self) -> int:
         a = self.args
         start = time.time()
         cache, out = Path(a.cache), Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        settings = WorldSettings(captions=600, steps=40, finetune_steps=4, feature_steps=40) if a.quick else WorldSettings()
+        settings = WorldSettings(encoder=a.encoder, threads=torch.get_num_threads(), seed=a.world_seed)
+        if a.quick:
+            settings = replace(settings, captions=600, steps=40, finetune_steps=4, feature_steps=40, clip_steps=20,
+                               clip_batch=64)
         path = world_path(cache, settings)
-        world_built = False
-        if not path.is_file():
+        world_built = not path.is_file()
+        if world_built:
             self.log(f"[tinyworld] no cached world at {path}: training it (once)")
             build_world(cache, settings, self.log)
-            world_built = True
         world = load_world(path)
-        self.log(f"[tinyworld] machine: {machine()}")
-        self.log(f"[tinyworld] world {path.name}: trained in {world.timings.get('total_s', float('nan')) / 60:.1f} min "
-                 f"(world model {world.timings.get('world_s', float('nan')) / 60:.1f} min)")
-        text = TextEncoder.pretrained()
-        host = TinyWorldHost(world.base, text)
-        host.guidance = a.guidance
+        self.log(f"[tinyworld] machine: {machine()}; deterministic algorithms on")
+        self.log(f"[tinyworld] world {path.name} ({settings.encoder}): trained in "
+                 f"{world.timings.get('total_s', float('nan')) / 60:.1f} min")
+        host, tuned = TinyWorldHost(world.base, world.text), TinyWorldHost(world.finetuned, world.text)
+        host.guidance = tuned.guidance = a.guidance
         inverse = ridge_inverse(world.covariance).float()
-        features = world.features
-        results: dict = {"machine": machine(), "world": world.timings, "world_settings": dict(settings.__dict__)}
+        results: dict = {"machine": machine(), "threads": torch.get_num_threads(), "world": world.timings,
+                         "world_settings": dict(settings.__dict__), "settings": vars(a)}
         grids: list[tuple[str, torch.Tensor]] = []
-
-        # the checker checked: the feature net's accuracy on fresh renderings (with noise) it never saw
-        from bench.tinyworld.measure import feature_batch
-        images, labels = feature_batch(random.Random(99), np.random.default_rng(99), 256)
-        pred = features(images)
-        results["feature_net_accuracy"] = {k: float((pred[k].argmax(1) == labels[k]).float().mean())
-                                           for k in ("shape", "texture", "size", "background")}
-        self.log("[tinyworld] feature net accuracy on fresh renderings: "
-                 + " ".join(f"{k}={v:.2f}" for k, v in results["feature_net_accuracy"].items()))
+        if hasattr(world.text, "image_features"):
+            from bench.tinyworld.clip import zero_shot
+            results["clip_zero_shot"] = zero_shot(world.text)
+            self.log("[tinyworld] tiny CLIP zero-shot accuracy on fresh renderings: " +
+                     " ".join(f"{k}={v:.2f}" for k, v in results["clip_zero_shot"].items()))
         t = time.time()
-        control = self.control(host, features)
-        grids.append(("world: captions", control.pop("samples")))
-        results["control"] = control
-        self.log("[tinyworld] control: " + " ".join(f"{k}={v:.2f}" for k, v in control.items()) +
-                 f" (chance: colour {1 / 6:.2f}, shape 0.25, position 0.20; {time.time() - t:.0f}s)")
-
-        # concepts
-        t = time.time()
-        data, refs = {}, {}
-        for trigger, (thing, _) in CONCEPTS.items():
-            images, masks = concept_images(thing, "gray", a.shots, seed=7)
-            data[trigger] = drawer(images, masks, trigger)
-            refs[trigger] = images
-            grids.append((f"{trigger} renderings", images))
-        ts = TrainSettings(steps=a.concept_steps, batch_size=a.concept_batch, grad_accum=1, seed=a.seed,
-                           ema_decay=a.ema_decay)
-        trained = {}
-        for name, trigger, trained_k in (("locked", "sks", False), ("trained-K", "sks", True), ("locked", "zwx", False)):
-            c0 = time.time()
-            concept, losses = train_concept(host, trigger, CONCEPTS[trigger][1], inverse, data[trigger],
-                                            replace(ts, trained_k=trained_k))
-            trained[(name, trigger)] = concept
-            self.log(f"[tinyworld] trained {trigger} ({name}): loss {np.mean(losses[:10]):.4f} → "
-                     f"{np.mean(losses[-10:]):.4f} in {time.time() - c0:.0f}s")
-        c0 = time.time()
-        ti, losses = train_embedding_only(host, "sks", "square", data["sks"], a.concept_steps, a.concept_batch,
-                                          a.ti_lr, a.seed)
-        self.log(f"[tinyworld] trained sks (embedding only): loss {np.mean(losses[:10]):.4f} → "
-                 f"{np.mean(losses[-10:]):.4f} in {time.time() - c0:.0f}s")
-        results["concept_training_s"] = time.time() - t
-        locked, trained_k = trained[("locked", "sks")], trained[("trained-K", "sks")]
-        with torch.no_grad():
-            ctx, slots = host.context(["a photo of a sks"], [locked])
-            e = ctx[0, slots["sks"][0][0]]
-            s_self = float((e @ locked.target_key) / (locked.target_input @ locked.target_key))
-        self.log(f"[tinyworld] similarity s of 'sks' in 'a photo of a sks' to i: {s_self:.3f}")
-
-        # the plane
-        t = time.time()
-        rows = []
-
-        def record(method, beta, r, model="base"):
-            label = f"{method[:14]} b={beta}" if beta is not None else method
-            grids.append((label + (" FT" if model != "base" else ""), r.pop("samples")))
-            rows.append({"method": method, "beta": beta, "model": model, **r})
-            self.log(f"[tinyworld] {model:9s} {method:22s} β={beta if beta is not None else '-'}: fidelity "
-                     f"{r['fidelity']:.3f} alignment {r['alignment']:.3f} "
-                     + " ".join(f"{k[6:]}={v:.2f}" for k, v in r.items() if k.startswith("align_")))
-
-        record("superclass only", None, self.evaluate(host, features, "square", refs["sks"]))
-        record("described: large striped square", None, self.evaluate(host, features, "large striped square", refs["sks"]))
-        record("embedding only (TI)", None, self.evaluate(host, features, "sks", refs["sks"], embeddings=[ti]))
-        for beta in a.betas:
-            record("Perfusion key-locked", beta, self.evaluate(host, features, "sks", refs["sks"],
-                                                               [AppliedConcept(locked, beta, a.tau, "local")]))
-            record("Perfusion trained-K", beta, self.evaluate(host, features, "sks", refs["sks"],
-                                                              [AppliedConcept(trained_k, beta, a.tau, "trained-k")]))
-        self.log(f"[tinyworld] plane measured in {time.time() - t:.0f}s")
-
-        # multi-concept
-        t = time.time()
-        multi = self.multi(host, {"sks": locked, "zwx": trained[("locked", "zwx")]}, a.beta)
-        grids.append(("sks + zwx", multi.pop("samples")))
-        base_pairs = self.multi_baseline(host)
-        multi["superclass_both_in_place"] = base_pairs
-        results["multi"] = multi
-        self.log("[tinyworld] multi-concept: " + " ".join(f"{k}={v:.3f}" for k, v in multi.items()) +
+        control = self.control(host, world.features)
+        grids.append(("world: captions", control["samples"]))
+        results["control"] = control["figures"]
+        self.control_value = control["figures"]["control"][0]
+        self.log("[tinyworld] control: " + " ".join(f"{k}={v[0]:.2f}" for k, v in control["figures"].items()) +
                  f" ({time.time() - t:.0f}s)")
+        weights = {name: [m.weight for n, m in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+                   for name, unet in (("base", world.base), ("finetuned", world.finetuned))}
+        results["finetune_weight_change"] = float(np.mean([float((b - f).norm() / b.norm()) for b, f in
+                                                           zip(weights["base"], weights["finetuned"])]))
 
-        # transfer to the fine-tuned copy
-        t = time.time()
-        tuned = TinyWorldHost(world.finetuned, text)
-        tuned.guidance = a.guidance
-        record("superclass only", None, self.evaluate(tuned, features, "square", refs["sks"]), "finetuned")
-        record("Perfusion key-locked", a.beta, self.evaluate(tuned, features, "sks", refs["sks"],
-                                                             [AppliedConcept(locked, a.beta, a.tau, "local")]), "finetuned")
-        self.log(f"[tinyworld] transfer measured in {time.time() - t:.0f}s")
-        results["rows"] = rows
-
-        # summary
-        pick = lambda m, b, model="base": next(r for r in rows if r["method"] == m and r["beta"] == b and r["model"] == model)
-        head = pick("Perfusion key-locked", a.beta)
-        base = pick("superclass only", None)
-        sweep = lambda m: [r for r in rows if r["method"] == m and r["model"] == "base"]
-        at_head, matched = lock_gain_at(head, sweep("Perfusion trained-K"))
-        lock_gain, reach = front_gain(sweep("Perfusion key-locked"), sweep("Perfusion trained-K"))
-        results["summary"] = {"control": control["control"], "fidelity": head["fidelity"],
-                              "baseline_fidelity": base["fidelity"], "alignment": head["alignment"],
-                              "lock_gain": lock_gain, "front_fidelity_reach": reach,
-                              "lock_gain_at_headline_beta": at_head, "headline_matched": matched, "s_self": s_self}
+        runs = []
+        for r in range(a.runs):
+            t = time.time()
+            runs.append(self.run_once(r, host, tuned, inverse, grids))
+            self.log(f"[tinyworld] run {r} done in {time.time() - t:.0f}s")
+        results.update(self.pool(runs))
+        results["runs"] = [{k: v for k, v in run.items() if k not in ("points", "multi")} for run in runs]
         results["timings"] = {"total_s": time.time() - start, "cpu_s": time.process_time(), "world_built_here": world_built}
-        self.write(out, results, grids)
+        report.write(out, results, grids, self.log_lines)
+        s = results["summary"]
         self.log(f"[tinyworld] total {time.time() - start:.0f}s wall, {time.process_time():.0f}s CPU "
-                 f"(world training {'included' if world_built else 'cached'})")
-        print(f"tinyworld control={control['control']:.3f} fidelity={head['fidelity']:.3f} "
-              f"baseline_fidelity={base['fidelity']:.3f} alignment={head['alignment']:.3f} lock_gain={lock_gain:+.3f}")
+                 f"(world {'trained here' if world_built else 'cached'})")
+        (out / "log.txt").write_text("\n".join(self.log_lines))
+        print(f"tinyworld control={s['control']:.3f} fidelity={s['fidelity']:.3f} "
+              f"baseline_fidelity={s['baseline_fidelity']:.3f} alignment={s['alignment']:.3f} "
+              f"lock_gain={s['lock_gain']:+.3f} lock_gain_se={s['lock_gain_se']:.3f} "
+              f"multi_in_place={s['multi_in_place']:.3f} cross_gate={s['cross_gate']:.3f}")
         return 0
 
-    def multi_baseline(self, host) -> float:
-        """Superclass words in the two-object prompt: how often the halves are coloured teal/pink by chance."""
-        prompts = ["a photo of a square on the left and a circle on the right"] * self.args.multi_seeds
-        images = host.sample(prompts, [500 + k for k in range(len(prompts))], steps=self.args.steps)
-        teal, pink = (np.array(R.NOVEL_COLOURS[c], np.float32) for c in ("teal", "pink"))
-        ok = []
-        for img in images:
-            l, r = analyse(img[None, :, :, :16])[0], analyse(img[None, :, :, 16:])[0]
-            near = lambda i: None if i["colour"] is None else (
-                "t" if np.linalg.norm(i["mean_rgb"] - teal) < np.linalg.norm(i["mean_rgb"] - pink) else "p")
-            ok.append(near(l) == "t" and near(r) == "p")
-        return float(np.mean(ok))
-
-    # -- output -----------------------------------------------------------------------------------------------
-    def write(self, out: Path, results: dict, grids) -> None:
+    def pool(self, runs: list[dict]) -> dict:
+        """Pooled points (every image of every run), per-run figures, lock_gain with its SE and verdict."""
         a = self.args
-        rows = results["rows"]
-        checks = [k for k in rows[0] if k.startswith("align_")]
-        extra = ("fidelity_features", "gate_fid", "gate_align", "outlined")
-        lines = ["# TinyWorld: Perfusion measured in a small text-to-image world", "",
-                 f"Machine: {results['machine']}", "",
-                 "Feature net (shape/texture/size checker) accuracy on fresh renderings: "
-                 + ", ".join(f"{k} {v:.2f}" for k, v in results["feature_net_accuracy"].items()), "",
-                 "## World model caption control (procedural checks; chance: colour 0.17, shape 0.25, position 0.20, "
-                 "background 0.33, size 0.50, texture 0.33)", "",
-                 "(shape: procedural, best IoU of the object mask with ideal shapes of its area, 0.94 on clean "
-                 "renderings; shape_featnet: the feature net's shape head, unreliable where its accuracy above is low; "
-                 "size and texture: the feature net; control = mean of colour, shape, position)", "",
-                 "| " + " | ".join(k for k in results["control"]) + " |",
-                 "|" + "---|" * len(results["control"]),
-                 "| " + " | ".join(f"{v:.3f}" for v in results["control"].values()) + " |", "",
-                 "## Concept sks (teal striped square, superclass 'square'): fidelity vs text alignment", "",
-                 "Fidelity: object-colour histogram intersection with the renderings (pixels binned to the nearest "
-                 "object colour or its dark stripe/dot shade; background pixels dropped; 1 = same colour make-up). "
-                 "fid_feat: cosine similarity of feature-net vectors (background and size dominate it).", "",
-                 "| model | method | β | fidelity (±sem) | alignment | " + " | ".join(c[6:] for c in checks) + " | "
-                 + " | ".join(e.replace("fidelity_features", "fid_feat") for e in extra) + " |", "|---|---|---|---|---|" + "---|" * (len(checks) + len(extra))]
-        for r in rows:
-            lines.append(f"| {r['model']} | {r['method']} | {r['beta'] if r['beta'] is not None else '-'} | "
-                         f"{r['fidelity']:.3f} ± {r['fidelity_sem']:.3f} | {r['alignment']:.3f} | "
-                         + " | ".join(f"{r.get(c, float('nan')):.2f}" for c in (*checks, *extra)) + " |")
-        m = results["multi"]
-        lines += ["", "## Two concepts trained separately, one prompt ('a photo of a sks on the left and a zwx on the right', "
-                  "and swapped)", "", "| " + " | ".join(m) + " |", "|" + "---|" * len(m),
-                  "| " + " | ".join(f"{v:.3f}" for v in m.values()) + " |", "", "## Summary", "",
-                  "lock_gain: mean alignment difference of the Pareto fronts (best alignment at fidelity ≥ f) of the "
-                  "key-locked and trained-K β sweeps, over the fidelities both reach; front_fidelity_reach: the "
-                  "highest fidelity each sweep reaches; lock_gain_at_headline_beta: the locked point at --beta "
-                  "against the trained-K sweep interpolated to its fidelity.", "",
-                  "```", json.dumps(results["summary"], indent=1), "```", "",
-                  f"Settings: {json.dumps(vars(a))}", ""]
-        (out / "results.md").write_text("\n".join(lines))
-        (out / "results.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=1, default=str))
-        (out / "log.txt").write_text("\n".join(self.log_lines))
-        pareto_png(rows, out / "pareto.png")
-        samples_png(grids, out / "samples.png")
-        print("\n".join(lines))
-
-
-def front(rows: list[dict], f: float) -> float:
-    """The Pareto front of a β sweep: the best alignment among its points with fidelity ≥ f."""
-    return max((r["alignment"] for r in rows if r["fidelity"] >= f), default=float("nan"))
-
-
-def front_gain(locked: list[dict], trained_k: list[dict], grid: int = 200) -> tuple[float, dict]:
-    """lock_gain: the mean of front(locked) − front(trained-K) over the fidelities both fronts reach (Fig. 9b compares
-    the curves, not one β; a sweep need not be monotone in fidelity). Also each front's highest fidelity."""
-    top = {"locked": max(r["fidelity"] for r in locked), "trained-K": max(r["fidelity"] for r in trained_k)}
-    lo, hi = min(r["fidelity"] for r in locked + trained_k), min(top.values())
-    fs = np.linspace(lo, hi, grid)
-    return float(np.mean([front(locked, f) - front(trained_k, f) for f in fs])), top
-
-
-def lock_gain_at(head: dict, trained_k: list[dict]) -> tuple[float, str]:
-    """alignment(locked) − alignment(trained-K) at the locked point's fidelity: trained-K's alignment linearly
-    interpolated along its β sweep (sorted by fidelity); outside its fidelity range, its nearest point."""
-    pts = sorted((r["fidelity"], r["alignment"], r["beta"]) for r in trained_k)
-    f = head["fidelity"]
-    for (f0, a0, b0), (f1, a1, b1) in zip(pts, pts[1:]):
-        if f0 <= f <= f1 and f1 > f0:
-            w = (f - f0) / (f1 - f0)
-            return head["alignment"] - (a0 + w * (a1 - a0)), f"interpolated between trained-K β={b0} and β={b1}"
-    near = min(pts, key=lambda p: abs(p[0] - f))
-    return head["alignment"] - near[1], f"nearest trained-K point β={near[2]} (fidelity {near[0]:.3f} vs {f:.3f})"
-
-
-def pareto_png(rows: list[dict], path: Path) -> None:
-    from PIL import Image, ImageDraw
-    w, h, m = 720, 520, 70
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    fs = [r["fidelity"] for r in rows]
-    al = [r["alignment"] for r in rows]
-    fx0, fx1 = min(fs) - 0.02, max(fs) + 0.02
-    ay0, ay1 = max(0.0, min(al) - 0.05), min(1.0, max(al) + 0.05)
-    X = lambda f: m + (f - fx0) / (fx1 - fx0) * (w - 2 * m)
-    Y = lambda a: h - m - (a - ay0) / (ay1 - ay0) * (h - 2 * m)
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    for k in range(6):
-        f, a = fx0 + k * (fx1 - fx0) / 5, ay0 + k * (ay1 - ay0) / 5
-        d.text((X(f) - 12, h - m + 6), f"{f:.2f}", fill="black")
-        d.text((m - 40, Y(a) - 6), f"{a:.2f}", fill="black")
-    d.text((w / 2 - 120, h - 30), "visual fidelity (object-colour histogram intersection)", fill="black")
-    d.text((8, 20), "text alignment (fraction of procedural checks passed)", fill="black")
-    styles = {("Perfusion key-locked", "base"): "blue", ("Perfusion trained-K", "base"): "red",
-              ("embedding only (TI)", "base"): "green", ("superclass only", "base"): "gray",
-              ("described: large striped square", "base"): "black",
-              ("Perfusion key-locked", "finetuned"): "cyan", ("superclass only", "finetuned"): "orange"}
-    legend_y = m + 8
-    for (method, model), colour in styles.items():
-        pts = sorted((r["fidelity"], r["alignment"], r["beta"]) for r in rows if r["method"] == method and r["model"] == model)
-        if not pts:
-            continue
-        if len(pts) > 1:
-            d.line([(X(f), Y(a)) for f, a, _ in pts], fill=colour, width=2)
-        for f, a, b in pts:
-            d.ellipse([X(f) - 5, Y(a) - 5, X(f) + 5, Y(a) + 5], fill=colour)
-            if b is not None:
-                d.text((X(f) + 7, Y(a) - 12), f"b={b}", fill=colour)
-        d.rectangle([w - m - 200, legend_y, w - m - 190, legend_y + 10], fill=colour)
-        d.text((w - m - 185, legend_y - 2), f"{method} ({model})", fill="black")
-        legend_y += 16
-    img.save(path)
-
-
-def samples_png(grids, path: Path, scale: int = 2) -> None:
-    from PIL import Image, ImageDraw
-    cols = max(len(g) for _, g in grids)
-    cell = 32 * scale + 4
-    img = Image.new("RGB", (150 + cols * cell, len(grids) * cell), "white")
-    d = ImageDraw.Draw(img)
-    for row, (label, images) in enumerate(grids):
-        d.text((4, row * cell + cell // 2 - 6), label[:26], fill="black")
-        arr = ((images.clamp(-1, 1) + 1) * 127.5).byte().permute(0, 2, 3, 1).numpy()
-        for col, a in enumerate(arr):
-            tile = Image.fromarray(a).resize((32 * scale, 32 * scale), Image.NEAREST)
-            img.paste(tile, (150 + col * cell, row * cell + 2))
-    img.save(path)
+        keys = list(dict.fromkeys((p["model"], p["method"], p["beta"]) for p in runs[0]["points"]))
+        pooled, per_run = [], []
+        for model, method, beta in keys:
+            mine = [p for run in runs for p in run["points"] if (p["model"], p["method"], p["beta"]) == (model, method, beta)]
+            fid, al = np.concatenate([p["fid"] for p in mine]), np.concatenate([p["align"] for p in mine])
+            pooled.append({"model": model, "method": method, "beta": beta, **summarise(fid, al),
+                           "outline": mean_se(np.concatenate([p["outline"] for p in mine])),
+                           "checks": {c: float(np.mean([p["checks"][c] for p in mine])) for c in mine[0]["checks"]},
+                           "arrays": (fid, al)})
+            per_run.append({"model": model, "method": method, "beta": beta,
+                            "fidelity": [float(p["fid"].mean()) for p in mine],
+                            "alignment": [float(p["align"].mean()) for p in mine]})
+        sweep = lambda rows, m: [p for p in rows if p["method"] == m and p["model"] == "base" and p["beta"] is not None]
+        gain, reach = front_gain(sweep(pooled, "key-locked"), sweep(pooled, "trained-K"))
+        gain_se = bootstrap_gain([p["arrays"] for p in sweep(pooled, "key-locked")],
+                                 [p["arrays"] for p in sweep(pooled, "trained-K")])
+        run_gains = []
+        for r in range(len(runs)):
+            rows = [{**p, "fidelity": float(p["fid"].mean()), "alignment": float(p["align"].mean())} for p in runs[r]["points"]]
+            run_gains.append(front_gain(sweep(rows, "key-locked"), sweep(rows, "trained-K"))[0])
+        pick = lambda m, b, model="base": next(p for p in pooled if (p["method"], p["beta"], p["model"]) == (m, b, model))
+        head, base = pick("key-locked", a.beta), pick("superclass only", None)
+        multi = {mode: {k: mean_se(np.concatenate([run["multi"][mode][k] for run in runs]))
+                        for k in runs[0]["multi"][mode]} for mode in runs[0]["multi"]}
+        multi_runs = {mode: [float(run["multi"][mode]["two"].mean()) for run in runs] for mode in runs[0]["multi"]}
+        for p in pooled:
+            del p["arrays"]
+        summary = {"control": self.control_value, "fidelity": head["fidelity"], "baseline_fidelity": base["fidelity"],
+                   "alignment": head["alignment"], "lock_gain": gain, "lock_gain_se": gain_se,
+                   "lock_gain_runs": run_gains, "front_fidelity_reach": reach,
+                   "lock_verdict": verdict(gain, gain_se, run_gains),
+                   "multi_in_place": multi["local lock"]["two"][0], "multi_in_place_se": multi["local lock"]["two"][1],
+                   "cross_gate": max(run["cross_gate"] for run in runs),
+                   "max_alignment_se": max(p["alignment_se"] for p in pooled)}
+        return {"points": pooled, "points_per_run": per_run, "multi": multi, "multi_runs": multi_runs, "summary": summary}
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", default=str(ROOT / ".cache" / "tinyworld"))
     p.add_argument("--out", default=str(ROOT / ".cache" / "tinyworld" / "out"))
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); part of the world's key")
+    p.add_argument("--encoder", choices=("clip", "minilm"), default="clip", help="the world's text encoder")
+    p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny world and evaluation (pipeline smoke run, numbers meaningless)")
+    p.add_argument("--runs", type=int, default=3, help="independent runs (concept renderings, training and sampling seeds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=12, help="sampler steps (ancestral DDIM)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--control", type=int, default=48)
+    p.add_argument("--control", type=int, default=96)
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--concept-steps", type=int, default=300)
     p.add_argument("--concept-batch", type=int, default=8)
     p.add_argument("--ti-lr", type=float, default=0.02)
     p.add_argument("--fid-seeds", type=int, default=8)
-    p.add_argument("--align-seeds", type=int, default=12)
-    p.add_argument("--multi-seeds", type=int, default=6)
-    p.add_argument("--ema-decay", type=float, default=0.99,
-                   help="EMA of the target input i (paper: 0.99 over 400 steps; over much shorter runs it leaves i "
-                        "between e_sup and the concept's encoding and the gate saturates for every β)")
+    p.add_argument("--align-seeds", type=int, default=16)
+    p.add_argument("--multi-seeds", type=int, default=16)
+    p.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the target input i (paper: 0.99)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.55, 0.7, 0.85, 1.0])
-    p.add_argument("--beta", type=float, default=0.7, help="β of the headline numbers, multi-concept and transfer")
+    p.add_argument("--beta", type=float, default=0.7, help="β of the headline numbers, 1-shot, multi-concept and transfer")
     p.add_argument("--tau", type=float, default=0.15)
     args = p.parse_args(argv)
     if args.quick:
-        args.control, args.concept_steps, args.fid_seeds, args.align_seeds, args.multi_seeds = 6, 2, 1, 1, 1
-        args.betas, args.steps = [0.7], 3
+        args.control, args.concept_steps, args.fid_seeds, args.align_seeds, args.multi_seeds = 8, 2, 1, 1, 2
+        args.betas, args.steps, args.runs = [0.7, 1.0], 3, 2
     return args
 
 
@@ -486,6 +436,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
     return Bench(args).run()
 

@@ -19,13 +19,13 @@ from perfusion_ops.training import TEMPLATES, Sample, TrainSettings, Trainer, ma
 
 from . import render as R
 from .model import TinyUNet, cosine_alphas_cumprod, ddim_sample, fold
-from .text import TextEncoder
+from .text import Encoder
 
 
 class TinyWorldHost:
-    """TrainingHost (see ``perfusion_ops.training``) for a :class:`TinyUNet` and the MiniLM text encoder."""
+    """TrainingHost (see ``perfusion_ops.training``) for a :class:`TinyUNet` and the world's text encoder."""
 
-    def __init__(self, unet: TinyUNet, text: TextEncoder, alphas_cumprod: Tensor | None = None):
+    def __init__(self, unet: TinyUNet, text: Encoder, alphas_cumprod: Tensor | None = None):
         self.unet, self.text = unet.requires_grad_(False), text
         self.layers = unet.cross_attention_layers()
         self.alphas_cumprod = cosine_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
@@ -87,9 +87,11 @@ class TinyWorldHost:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], applied: list[AppliedConcept] = (),
-               embeddings: list[Concept] = (), steps: int = 12, guidance: float | None = None, batch: int = 64) -> Tensor:
+               embeddings: list[Concept] = (), steps: int = 12, guidance: float | None = None, batch: int = 64,
+               global_lock: bool = False) -> Tensor:
         """Images for ``prompts`` (one per prompt, noise from its seed); ``applied`` concepts edit the UNet,
-        ``embeddings`` only map trigger words (textual inversion)."""
+        ``embeddings`` only map trigger words (textual inversion). ``global_lock``: every ``to_k`` sees the prompt
+        with each trigger word replaced by its superclass word (paper App. C), ``to_v`` the prompt itself."""
         concepts = [a.concept for a in applied] + list(embeddings)
         guidance = self.guidance if guidance is None else guidance
         uncond = self.text.encode_plain([""])
@@ -98,9 +100,16 @@ class TinyWorldHost:
             for start in range(0, len(prompts), batch):
                 chunk = prompts[start: start + batch]
                 context, _ = self.context(chunk, concepts)
+                keys = self.context([superclass_prompt(p, concepts) for p in chunk])[0] if global_lock else None
                 images.append(ddim_sample(self.unet, context, uncond, self.alphas_cumprod, steps, guidance,
-                                          seeds=list(seeds[start: start + batch])))
+                                          seeds=list(seeds[start: start + batch]), key_context=keys))
         return torch.cat(images)
+
+
+def superclass_prompt(prompt: str, concepts: list[Concept]) -> str:
+    """The prompt with every trigger word replaced by its concept's superclass word (one token each here)."""
+    words = {c.trigger.lower(): c.superclass for c in concepts}
+    return " ".join(words.get(w.lower(), w) for w in prompt.split())
 
 
 # -- concept data ------------------------------------------------------------------------------------------
@@ -134,7 +143,7 @@ def drawer(images: Tensor, masks: Tensor | None, trigger: str, flip: bool = True
 def train_concept(host: TinyWorldHost, trigger: str, superclass: str, inverse_covariance: Tensor, draw,
                   settings: TrainSettings) -> tuple[Concept, list[float]]:
     """Perfusion training through the core's Trainer and run (key-locked, or trained-K per ``settings``)."""
-    fields = {"text_encoder": "all-minilm-l6-v2", "model_family": "tinyworld"}
+    fields = {"text_encoder": host.text.name, "model_family": "tinyworld"}
     trainer = Trainer(host, trigger, superclass, inverse_covariance, settings, fields)
     result = run(trainer, draw)
     return result.concept, result.losses
@@ -160,7 +169,7 @@ def train_embedding_only(host: TinyWorldHost, trigger: str, superclass: str, dra
         opt.step()
         losses.append(float(loss.detach()))
     concept = Concept(trigger, superclass, vector.detach().clone(), e_sup.clone(), e_sup.clone(), e_sup.clone(),
-                      {l: torch.zeros(w) for l, w in host.layers.items()}, text_encoder="all-minilm-l6-v2")
+                      {l: torch.zeros(w) for l, w in host.layers.items()}, text_encoder=host.text.name)
     return concept, losses
 
 

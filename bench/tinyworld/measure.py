@@ -172,3 +172,25 @@ def colour_fidelity(images: Tensor, references: Tensor) -> np.ndarray:
     """Per generated image: histogram intersection of its object colours with the references' mean (0..1)."""
     ref = colour_histograms(references).mean(0)
     return np.minimum(colour_histograms(images), ref).sum(1)
+
+
+# -- style of the fine-tuned world model: the outline ------------------------------------------------------------
+def outline_score(images: Tensor) -> np.ndarray:
+    """Per image, the fraction of the object's boundary band (its mask's edge, two pixels either side) nearer the
+    outline colour (``render.OUTLINE``) than to the background and to the object's median colour and its dark and
+    light shades (stripes, dots): ~0 for the base world's objects, high for the fine-tuned copy's outlined ones."""
+    from scipy.ndimage import binary_dilation, binary_erosion
+    scores = []
+    for img, info in zip(to_rgb255(images), analyse(images)):
+        mask = info["mask"]
+        if info["area"] < 8:
+            scores.append(0.0)
+            continue
+        band = binary_dilation(mask, iterations=2) & ~binary_erosion(mask, iterations=2)
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        median = np.median(img[mask], 0)
+        options = np.stack([np.array(R.OUTLINE, np.float32), np.median(border, 0), median, 0.45 * median,
+                            np.minimum(255, median / 0.45)])
+        nearest = np.argmin(np.linalg.norm(img[band][:, None] - options, axis=-1), 1)
+        scores.append(float((nearest == 0).mean()))
+    return np.array(scores, np.float32)

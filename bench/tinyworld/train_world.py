@@ -1,7 +1,9 @@
-"""Train (once) and cache the world: the base text-to-image model, a fine-tuned copy, the feature net, and C.
+"""Train (once) and cache the world: its text encoder (a tiny CLIP, trained first and frozen; or the pretrained
+MiniLM), the base text-to-image model, a fine-tuned copy, the feature net, and C.
 
-Seeded and reproducible for given :class:`WorldSettings` (one CPU thread gives bit-stable runs). The cache file
-is ``<cache>/world-<settings key>.safetensors``; a partial checkpoint is written while training runs.
+Seeded and bit-reproducible for given :class:`WorldSettings` and thread count (the cache key includes the threads:
+CPU kernels split their sums by thread, so another count trains another world, like another seed). The cache
+file is ``<cache>/world-<settings key>.safetensors``; a partial checkpoint is written while training runs.
 """
 from __future__ import annotations
 
@@ -19,15 +21,23 @@ from safetensors.torch import load_file, save_file
 from perfusion_ops.covariance import CovarianceEstimator
 
 from . import render as R
+from .clip import TinyCLIP, train_clip
 from .measure import FeatureNet, train_features
 from .model import TinyUNet, cosine_alphas_cumprod, fold
-from .text import TextEncoder
+from .text import Encoder, TextEncoder
 
 
 @dataclass(frozen=True)
 class WorldSettings:
-    version: int = 2  # of the model code (2: coordinate channels, v-prediction): a new version retrains
+    version: int = 3  # of the model code (3: tiny CLIP, top/bottom pairs, 1.5-px outline): a new version retrains
+    encoder: str = "clip"  # "clip": the tiny CLIP of clip.py; "minilm": the pretrained all-MiniLM-L6-v2
+    threads: int = 0  # torch CPU threads the world was trained with (0: torch's default); see the module doc
     seed: int = 0
+    clip_width: int = 96
+    clip_layers: int = 3
+    clip_steps: int = 600
+    clip_batch: int = 256
+    clip_lr: float = 1e-3
     captions: int = 5000  # caption pool (encoded once); unnamed attributes are redrawn at every use
     steps: int = 3000
     batch: int = 64
@@ -38,9 +48,9 @@ class WorldSettings:
     c1: int = 64
     heads: int = 16  # head width: 2 heads at 16×16, 4 at 8×8 (one 32-wide head barely learned background)
     uncond: float = 0.1  # caption dropout (classifier-free guidance)
-    finetune_steps: int = 300  # the second, fine-tuned world model (outlined objects)
+    finetune_steps: int = 400  # the second, fine-tuned world model (outlined objects)
     finetune_batch: int = 32
-    finetune_lr: float = 5e-4
+    finetune_lr: float = 1e-3
     feature_steps: int = 600
 
     def key(self) -> str:
@@ -50,7 +60,7 @@ class WorldSettings:
 class Captions:
     """The caption pool, its encodings (fp16, variable length) and the empty caption's."""
 
-    def __init__(self, text: TextEncoder, count: int, seed: int, log=print):
+    def __init__(self, text: Encoder, count: int, seed: int, log=print):
         rng = random.Random(seed)
         pairs = [R.random_spec(rng) for _ in range(count)]
         self.specs, self.texts = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -136,10 +146,17 @@ def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=prin
     timings = {}
     t0 = time.time()
     torch.manual_seed(settings.seed)
-    text = TextEncoder.pretrained()
-    log(f"[tinyworld] encoding {settings.captions} captions with all-MiniLM-L6-v2")
+    if settings.encoder == "clip":
+        log(f"[tinyworld] training the tiny CLIP ({settings.clip_steps} steps × {settings.clip_batch})")
+        text = train_clip(settings.clip_width, settings.clip_layers, 4, 64, settings.clip_steps, settings.clip_batch,
+                          settings.clip_lr, settings.seed + 4, log)
+    else:
+        text = TextEncoder.pretrained()
+    timings["text_encoder_s"] = time.time() - t0
+    t = time.time()
+    log(f"[tinyworld] encoding {settings.captions} captions with {text.name}")
     captions = Captions(text, settings.captions, settings.seed, log)
-    timings["captions_s"] = time.time() - t0
+    timings["captions_s"] = time.time() - t
 
     t = time.time()
     log(f"[tinyworld] training the feature net ({settings.feature_steps} steps)")
@@ -147,7 +164,7 @@ def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=prin
     timings["features_s"] = time.time() - t
 
     t = time.time()
-    unet = TinyUNet(settings.c0, settings.c1, heads=settings.heads)
+    unet = TinyUNet(settings.c0, settings.c1, text.width, settings.heads)
     log(f"[tinyworld] training the world model: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
         f"{settings.steps} steps × {settings.batch}")
     partial = path.with_suffix(".partial.safetensors")
@@ -161,7 +178,7 @@ def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=prin
 
     t = time.time()
     log(f"[tinyworld] fine-tuning a copy on outlined objects ({settings.finetune_steps} steps)")
-    tuned = TinyUNet(settings.c0, settings.c1, heads=settings.heads)
+    tuned = TinyUNet(settings.c0, settings.c1, text.width, settings.heads)
     tuned.load_state_dict(base)
     tuned_ema = train_unet(tuned, captions, settings.finetune_steps, settings.finetune_batch, settings.finetune_lr,
                            10, 0.98, settings.seed + 3, settings.uncond, outline=True, log=log, tag="finetune")
@@ -172,6 +189,8 @@ def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=prin
     tensors = {**{f"base.{k}": v for k, v in base.items()}, **{f"finetuned.{k}": v for k, v in tuned_ema.items()},
                **{f"features.{k}": v for k, v in features.state_dict().items()},
                "covariance": captions.covariance.covariance().float(), "empty": captions.empty.float()}
+    if isinstance(text, TinyCLIP):
+        tensors.update({f"clip.{k}": v for k, v in text.state_dict().items()})
     meta = {"settings": json.dumps(asdict(settings)), "timings": json.dumps(timings),
             "encodings": str(captions.covariance.count)}
     tmp = path.with_suffix(".tmp")
@@ -185,6 +204,7 @@ def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=prin
 @dataclass
 class World:
     settings: WorldSettings
+    text: Encoder
     base: TinyUNet
     finetuned: TinyUNet
     features: FeatureNet
@@ -203,6 +223,10 @@ def load_world(path: Path) -> World:
         module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
         return module.eval().requires_grad_(False)
 
-    return World(settings, part("base", TinyUNet(settings.c0, settings.c1, heads=settings.heads)),
-                 part("finetuned", TinyUNet(settings.c0, settings.c1, heads=settings.heads)), part("features", FeatureNet()),
+    if settings.encoder == "clip":
+        text = part("clip", TinyCLIP(settings.clip_width, settings.clip_layers))
+    else:
+        text = TextEncoder.pretrained()
+    unet = lambda: TinyUNet(settings.c0, settings.c1, text.width, settings.heads)
+    return World(settings, text, part("base", unet()), part("finetuned", unet()), part("features", FeatureNet()),
                  tensors["covariance"].double(), json.loads(meta.get("timings", "{}")))

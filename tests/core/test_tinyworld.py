@@ -11,6 +11,7 @@ from bench.tinyworld import render as R
 from bench.tinyworld.host import TinyWorldHost, concept_images, drawer, train_concept, train_embedding_only
 from bench.tinyworld.measure import FeatureNet, analyse, cosine_fidelity
 from bench.tinyworld.model import TinyUNet, cosine_alphas_cumprod, ddim_sample, fold, unfold
+from bench.tinyworld.stats import bootstrap_gain, front_gain, mean_se, verdict
 from bench.tinyworld.text import TextEncoder, package_dir, words_of_world
 from perfusion_ops.edit import AppliedConcept
 from perfusion_ops.training import TrainSettings
@@ -79,7 +80,7 @@ def test_v_prediction_gives_back_the_noise():
     a = alphas[t].view(-1, 1, 1, 1)
 
     class Oracle(TinyUNet):
-        def forward(self, x, timesteps, context):
+        def forward(self, x, timesteps, context, key_context=None):
             return a.sqrt() * noise - (1 - a).sqrt() * x0
 
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -130,24 +131,32 @@ def test_feature_net_and_fidelity_shapes():
 def test_pretrained_minilm_tokenises_the_world():
     text = TextEncoder.pretrained()
     ids, slots = text.tokenize("a photo of a sks on a gray background", ["sks"])
-    assert slots == {"sks": [5]} and ids[0] == text.cls and ids[-1] == text.sep and text.unk not in ids[:5]
+    assert slots == {"sks": [5]} and ids[0] == text.bos and ids[-1] == text.eos and text.unk not in ids[:5]
     context, mask, _ = text.encode(["a photo of a square", "image of the red circle on the left"])
     assert context.shape[-1] == 384 and bool((context[~mask] == 0).all())
 
 
 def test_lock_gain_compares_pareto_fronts():
-    """bench/tinyworld.py's lock_gain: a sweep that dominates gains, equal fronts give 0, a β sweep need not be monotone."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "bench" / "tinyworld.py"
-    spec = importlib.util.spec_from_file_location("tinyworld_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    """lock_gain: a sweep that dominates gains, equal fronts give 0, a β sweep need not be monotone."""
     pts = lambda *fa: [{"fidelity": f, "alignment": a} for f, a in fa]
     trained_k = pts((0.4, 0.8), (0.5, 0.6), (0.3, 0.9))
-    gain, reach = bench.front_gain(pts((0.4, 0.9), (0.5, 0.7), (0.3, 0.95)), trained_k)
+    gain, reach = front_gain(pts((0.4, 0.9), (0.5, 0.7), (0.3, 0.95)), trained_k)
     assert gain == pytest.approx(0.1, abs=0.01) and reach == {"locked": 0.5, "trained-K": 0.5}
-    assert bench.front_gain(trained_k, trained_k)[0] == 0.0
+    assert front_gain(trained_k, trained_k)[0] == 0.0
     # locked reaches further right; over [0.2, 0.5] the fronts differ by -0.1, 0 and +0.2 on equal thirds
-    gain, reach = bench.front_gain(pts((0.6, 0.8), (0.2, 0.5)), trained_k)
+    gain, reach = front_gain(pts((0.6, 0.8), (0.2, 0.5)), trained_k)
     assert reach["locked"] == 0.6 and gain == pytest.approx(0.1 / 3, abs=0.01)
+
+
+def test_lock_gain_standard_error_and_verdict():
+    """The bootstrap SE shrinks like 1/√n with the images per point; the verdict needs 2 SE and every run's sign."""
+    rng = np.random.default_rng(0)
+    sweep = lambda n, shift: [(rng.normal(f, 0.1, n), rng.binomial(1, min(1.0, a + shift), n).astype(float))
+                              for f, a in ((0.3, 0.9), (0.5, 0.7), (0.6, 0.5))]
+    small, large = bootstrap_gain(sweep(50, 0.1), sweep(50, 0.0)), bootstrap_gain(sweep(800, 0.1), sweep(800, 0.0))
+    assert 2.5 < small / large < 6.5  # √16 = 4
+    assert verdict(0.10, 0.02, [0.08, 0.12, 0.05]).startswith("key lock ahead")
+    assert verdict(-0.10, 0.02, [-0.08, -0.12, -0.05]).startswith("key lock behind")
+    assert verdict(0.10, 0.02, [0.08, -0.01, 0.05]) == "undecided"  # one run disagrees
+    assert verdict(0.01, 0.01, [0.0, 0.02, 0.01]).startswith("no difference")
+    assert mean_se([0.0, 1.0, 0.0, 1.0]) == pytest.approx((0.5, (1 / 3) ** 0.5 / 2))  # sample SD / √n

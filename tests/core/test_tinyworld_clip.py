@@ -1,0 +1,107 @@
+"""The tiny world's CLIP (bench/tinyworld/clip.py): CLIP's structure where Perfusion depends on it — causal text
+encodings, start/end tokens, one slot per trigger word, the end token's state as the text embedding — and the
+other pieces of the v2 world (top/bottom pairs, the outline style score, the global key lock's prompt). No world
+training here; a few contrastive steps at most."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from bench.tinyworld import render as R
+from bench.tinyworld.clip import TinyCLIP, clip_batch, zero_shot
+from bench.tinyworld.host import superclass_prompt
+from bench.tinyworld.measure import outline_score
+from perfusion_ops.concept import Concept
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return TinyCLIP(width=32, layers=2, heads=4, embed=16).eval()
+
+
+def test_tokens_have_clip_start_and_end_and_one_slot_per_trigger(clip):
+    ids, slots = clip.tokenize("a photo of a sks on the left and a zwx", ["sks", "zwx"])
+    assert ids[0] == clip.bos and ids[-1] == clip.eos and len(ids) == 13
+    assert slots == {"sks": [5], "zwx": [11]} and ids[5] == ids[11] == clip.unk
+    assert clip.token_names("a photo of a sks", ["sks"]) == ["<start>", "a", "photo", "of", "a", "sks", "<end>"]
+    assert clip.embed_word("square").shape == (1, 32)
+
+
+def test_text_encodings_are_causal(clip):
+    """A token's encoding depends on the words before it only: the trigger's encoding in a composed prompt is its
+    encoding in the training prompt (a bidirectional encoder such as MiniLM breaks this)."""
+    vector = torch.randn(1, 32)
+    short, _, slots = clip.encode(["a photo of a sks"], "sks", vector)
+    long, mask, slots_long = clip.encode(["a photo of a sks on the left and a red circle"], "sks", vector)
+    k = slots[0][0]
+    assert slots_long[0][0] == k
+    assert torch.allclose(short[0, : k + 1], long[0, : k + 1], atol=1e-5)
+    assert not torch.allclose(short[0, k + 1], long[0, k + 1], atol=1e-3)  # <end> vs "on"
+    padded, mask, _ = clip.encode(["a photo of a square", "a photo of a square on the left"])
+    assert bool((padded[~mask] == 0).all()) and torch.allclose(padded[0, :6], padded[1, :6], atol=1e-5)
+
+
+def test_trigger_vector_gets_gradients_and_text_embedding_is_the_end_state(clip):
+    vector = torch.nn.Parameter(clip.embed_word("square").clone())
+    context, mask, slots = clip.encode(["a photo of a sks on the left"], "sks", vector)
+    (context[0, -1] * torch.randn(32)).sum().backward()  # (an LN output sums to its bias: no gradient)
+    assert vector.grad is not None and float(vector.grad.abs().sum()) > 0
+    with torch.no_grad():
+        end = clip.encode(["a photo of a square"])[0][0, -1]
+        assert torch.allclose(clip.text_features(["a photo of a square"])[0], clip.text_projection(end), atol=1e-5)
+
+
+def test_contrastive_loss_falls_in_a_few_steps_and_zero_shot_runs():
+    torch.manual_seed(0)
+    clip = TinyCLIP(width=32, layers=1, heads=4, embed=16)
+    opt = torch.optim.AdamW(clip.parameters(), 3e-3)
+    rng = random.Random(0)
+    fixed = clip_batch(rng, 32)
+    first = float(clip.loss(*fixed).detach())
+    for _ in range(15):
+        loss = clip.loss(*fixed)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(clip.loss(*fixed).detach()) < first - 0.3
+    acc = zero_shot(clip.eval(), count=8)
+    assert set(acc) == {"colour", "shape", "position", "background", "texture", "size"}
+    assert all(0 <= v <= 1 for v in acc.values())
+
+
+def test_two_object_scenes_come_left_right_and_top_bottom():
+    rng = random.Random(3)
+    layouts = set()
+    for _ in range(200):
+        spec, text = R.random_spec(rng, two_objects=1.0)
+        positions = tuple(t[4] for t in spec.things)
+        layouts.add(positions)
+        phrases = [R.POSITION_PHRASE[p] for p in positions]
+        assert text.index(phrases[0]) < text.index(" and a ") < text.index(phrases[1])
+    assert layouts == {("left", "right"), ("top", "bottom")}
+
+
+def test_outline_score_separates_the_fine_tuned_style():
+    rng = random.Random(0)
+    scenes = [R.random_scene(rng, 0.0)[0] for _ in range(40)]
+    plain = outline_score(torch.from_numpy(R.render_batch(scenes, 0)[0]))
+    outlined = outline_score(torch.from_numpy(R.render_batch(scenes, 0, outline=True)[0]))
+    assert plain.mean() < 0.05 and outlined.mean() > 0.15 and np.mean(outlined > plain) > 0.8
+
+
+def test_global_key_lock_prompt_swaps_triggers_for_superclass_words():
+    e = torch.zeros(4)
+    concept = lambda trigger, word: Concept(trigger, word, e[None], e, e, e, {"l": e})
+    assert superclass_prompt("a photo of a sks on the left and a ZWX on the right",
+                             [concept("sks", "square"), concept("zwx", "circle")]) == \
+        "a photo of a square on the left and a circle on the right"
