@@ -176,6 +176,26 @@ class Bench:
         firsts = [k for k, j in enumerate(jobs) if j[2] == "two"][:: a.multi_seeds]
         return {"in_place": {k: np.array(v, np.float64) for k, v in ok.items()}, "samples": images[firsts]}
 
+    def attention(self, host: TinyWorldHost, applied: list[AppliedConcept], seed: int, words=("sks", "zwx")) -> dict:
+        """Where each of the two object words is attended: the share of its cross-attention (pixels' softmax mass,
+        over heads, layers and sampling steps) that comes from its own half rather than the other object's half.
+        0.5: no localisation. With the superclass words ("square", "circle") this is the world's own baseline."""
+        jobs = [(f"a photo of a {x} {LAYOUTS[l][0][0]} and a {y} {LAYOUTS[l][0][1]}", LAYOUTS[l][1], (x, y), l)
+                for l in LAYOUTS for x, y in (words, words[::-1])] * self.args.attention_seeds
+        concepts = [x.concept for x in applied]
+        with host.attention_by_side() as records:
+            host.sample([j[0] for j in jobs], [seed + 8000 + k for k in range(len(jobs))], applied, steps=self.args.steps)
+        maps = torch.stack(records).mean(0)  # (B, side, tokens): left, right, top, bottom
+        index = {"left": 0, "right": 1, "top": 2, "bottom": 3}
+        shares = {}
+        for b, (prompt, sides, order, layout) in enumerate(jobs):
+            names = host.text.token_names(prompt, [c.trigger for c in concepts])
+            for word, own, other in ((order[0], sides[0], sides[1]), (order[1], sides[1], sides[0])):
+                k = names.index(word)
+                mine, theirs = float(maps[b, index[own], k]), float(maps[b, index[other], k])
+                shares.setdefault(f"{word} {layout}", []).append(mine / (mine + theirs))
+        return {k: float(np.mean(v)) for k, v in shares.items()}
+
     def gate_tables(self, host: TinyWorldHost, applied: list[AppliedConcept], prompts: list[str]) -> list[dict]:
         """Per prompt and token: each concept's similarity s (Eq. 3) and gate g."""
         stack = JointEdit(applied).shared.stack
@@ -271,6 +291,10 @@ class Bench:
             self.log(f"[tinyworld] run {r}: two concepts, {mode}: " + " ".join(
                 f"{k}={v.mean():.3f}" for k, v in m["in_place"].items()))
         base_pair = self.composed_baseline(host, refs, eval_seed)
+        attention = {"concepts": self.attention(host, pair, eval_seed),
+                     "superclass words": self.attention(host, [], eval_seed, ("square", "circle"))}
+        self.log(f"[tinyworld] run {r}: attention share from the word's own half: " + "; ".join(
+            f"{k}: " + " ".join(f"{n}={v:.2f}" for n, v in a_.items()) for k, a_ in attention.items()))
         prompts = [f"a photo of a {x} {LAYOUTS[l][0][0]} and a {y} {LAYOUTS[l][0][1]}" for l in LAYOUTS
                    for x, y in (("sks", "zwx"), ("zwx", "sks"))]
         tables = self.gate_tables(host, pair, prompts)
@@ -285,7 +309,7 @@ class Bench:
                      for (name, trigger), concept in trained.items()}
         for k, v in diagnosis.items():
             self.log(f"[tinyworld] run {r}: {k}: " + " ".join(f"{n}={x:.3f}" for n, x in v.items()))
-        return {"points": points, "multi": multi, "multi_superclass": base_pair, "gate_tables": tables,
+        return {"points": points, "multi": multi, "multi_superclass": base_pair, "gate_tables": tables, "attention": attention,
                 "cross_gate": cross, "own_gate_min": own, "other_tokens_gate_max": others, "diagnosis": diagnosis,
                 "timings": {"train_s": train_s, "plane_s": plane_s, "multi_s": multi_s}}
 
@@ -421,6 +445,7 @@ def parse(argv=None):
     p.add_argument("--fid-seeds", type=int, default=8)
     p.add_argument("--align-seeds", type=int, default=16)
     p.add_argument("--multi-seeds", type=int, default=16)
+    p.add_argument("--attention-seeds", type=int, default=4, help="images per composed prompt for the attention maps")
     p.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the target input i (paper: 0.99)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.55, 0.7, 0.85, 1.0])
     p.add_argument("--beta", type=float, default=0.7, help="β of the headline numbers, 1-shot, multi-concept and transfer")
@@ -428,6 +453,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.control, args.concept_steps, args.fid_seeds, args.align_seeds, args.multi_seeds = 8, 2, 1, 1, 2
+        args.attention_seeds = 1
         args.betas, args.steps, args.runs = [0.7, 1.0], 3, 2
     return args
 

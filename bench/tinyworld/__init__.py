@@ -1,7 +1,9 @@
-"""TinyWorld: a small procedural text-to-image world in which Perfusion can really learn (issue #6).
+"""TinyWorld: a small procedural text-to-image world in which Perfusion can really learn (issues #6, #16).
 
-``render`` draws 32×32 scenes of shapes with captions, ``text`` is the pretrained all-MiniLM-L6-v2 text encoder
-(pure torch, offline), ``model`` a small v-prediction UNet with SD1.5's block structure and cross-attention,
-``train_world`` trains and caches it, ``host`` adapts it to the core's TrainingHost and applies concepts, and
-``measure`` holds the procedural checks. ``bench/tinyworld.py`` is the entry point.
+``render`` draws 32×32 scenes of shapes with captions; ``clip`` is a tiny CLIP trained here on them (causal text
+tower, as SD1.5's CLIP ViT-L/14), ``text`` the shared encoder interface and the pretrained all-MiniLM-L6-v2 (the
+earlier, bidirectional variant); ``model`` a small v-prediction UNet with SD1.5's block structure and cross-attention;
+``train_world`` trains and caches them; ``host`` adapts the world to the core's TrainingHost and applies concepts;
+``measure`` holds the procedural checks, ``stats`` the pooled figures and lock_gain, ``report`` the outputs.
+``bench/tinyworld.py`` is the entry point.
 """

@@ -106,6 +106,34 @@ class TinyWorldHost:
         return torch.cat(images)
 
 
+    @contextlib.contextmanager
+    def attention_by_side(self):
+        """Records, at every cross-attention call, how much attention each token gets from the pixels of each half
+        of the image: the conditional half's softmax probabilities averaged over heads and over the pixels of the
+        left, right, top and bottom halves, (B, 4, tokens) per call. ``yield`` the list they are appended to."""
+        records = []
+
+        def hook(module, args, kwargs, output):
+            x, context = args[0], args[1]
+            keys = context if len(args) < 3 or args[2] is None else args[2]
+            half, side = x.shape[0] // 2, int(round(x.shape[1] ** 0.5))
+            q = module.to_q(x[half:]).view(half, x.shape[1], module.heads, -1).transpose(1, 2)
+            k = module.to_k(keys[half:]).view(half, keys.shape[1], module.heads, -1).transpose(1, 2)
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            scores = scores.masked_fill(~(context[half:].abs().amax(-1) > 0)[:, None, None, :], float("-inf"))
+            maps = scores.softmax(-1).mean(1).view(half, side, side, -1)  # (B, y, x, tokens)
+            m = side // 2
+            records.append(torch.stack([maps[:, :, :m].mean((1, 2)), maps[:, :, m:].mean((1, 2)),
+                                        maps[:, :m].mean((1, 2)), maps[:, m:].mean((1, 2))], 1))
+
+        handles = [self.unet.get_submodule(layer).register_forward_hook(hook, with_kwargs=True) for layer in self.layers]
+        try:
+            yield records
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 def superclass_prompt(prompt: str, concepts: list[Concept]) -> str:
     """The prompt with every trigger word replaced by its concept's superclass word (one token each here)."""
     words = {c.trigger.lower(): c.superclass for c in concepts}

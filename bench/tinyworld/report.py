@@ -72,6 +72,12 @@ def tables(results: dict) -> list[str]:
               "Gates in the composed prompts, per run: own trigger (min), other's trigger (max), other tokens (max): "
               + "; ".join(f"{run['own_gate_min']:.3f}, {run['cross_gate']:.3f}, {run['other_tokens_gate_max']:.3f}"
                           for run in results["runs"]), ""]
+    lines += ["Attention share from the word's own half (cross-attention mass over heads, layers and steps; 0.5 = not "
+              "localised), per run:", ""]
+    for r, run in enumerate(results["runs"]):
+        lines += [f"- run {r}, {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items())
+                  for kind, shares in run["attention"].items()]
+    lines.append("")
     table = results["runs"][0]["gate_tables"][0]
     lines += [f"Per token, run 0, '{table['prompt']}' (s / g for sks, zwx):", "",
               "| token | " + " | ".join(table["tokens"]) + " |", "|---|" + "---|" * len(table["tokens"]),
