@@ -100,6 +100,10 @@ class Concept:
                 _check_tensor(tensor, f"{path}.{layer}", (-1,))
         if self.key_outputs is not None and set(self.key_outputs) != set(self.value_outputs):
             raise ConceptError("trained-K concept: key and value outputs cover different layers")
+        for layer, tensor in (self.key_outputs or {}).items():
+            if tensor.shape != self.value_outputs[layer].shape:
+                raise ConceptError(f"trained-K concept: 'o_k.{layer}' has shape {tuple(tensor.shape)} but 'o_v.{layer}' "
+                                   f"{tuple(self.value_outputs[layer].shape)}")
         for kind in ("train", "local", "global"):
             beta, tau = (self.train_beta, self.train_tau) if kind == "train" else self.recommended(kind)
             check_gate(beta, tau, what=f"{kind} gate")

@@ -3,17 +3,17 @@
 which rule it breaks; nothing is cast or cut silently.
 
 A concept file is a safetensors file (never a pickle) of at most ``MAX_FILE_BYTES``, whose JSON header is at most
-``MAX_HEADER_BYTES`` and lists at most ``MAX_TENSORS`` tensors (both checked before the header, resp. any tensor, is
-parsed, so a hostile file costs no parsing time), with metadata
-``format = FORMAT`` and ``format_version`` an integer from 1 to ``FORMAT_VERSION`` (a newer file asks for an update
-of the pack). Its tensors are ``float16``, ``bfloat16`` or ``float32`` (``TENSOR_DTYPES``; integers and booleans are
-not concept data) and are exactly:
+``MAX_HEADER_BYTES`` and lists at most ``MAX_TENSORS`` tensors (the size is checked before the header is parsed,
+the count before any tensor is, so a hostile file costs no parsing time), with metadata ``format = FORMAT`` and
+``format_version`` an integer from 1 to ``FORMAT_VERSION`` (a newer file asks for an update of the pack). Its
+tensors are ``float16``, ``bfloat16`` or ``float32`` (``TENSOR_DTYPES``; integers and booleans are not concept data)
+and are exactly:
 
 - ``embedding`` (N, T): the trigger word's learned vector(s), 1 ≤ N ≤ ``MAX_VECTORS``, 1 ≤ T ≤ ``MAX_WIDTH``;
 - ``i``, ``q``, ``e_sup`` (D,): the text width D of a known encoder (768 CLIP-L, 1024 OpenCLIP-H, 1280 CLIP-G), or
   1 ≤ D ≤ ``MAX_WIDTH`` for another;
 - ``o_v.<layer>`` (out,), 1 ≤ out ≤ ``MAX_WIDTH``, for 1 to ``MAX_LAYERS`` cross-attention layers, and for a
-  trained-K concept ``o_k.<layer>`` for the same layers.
+  trained-K concept ``o_k.<layer>`` of the same layers and widths.
 
 A concept of SD1.5 holds 20 tensors (36 with trained K) in about 30 KB; the bounds leave room for larger model
 families (SDXL: 70 layers) while refusing files that could only be mistakes or attacks.
@@ -30,5 +30,4 @@ MAX_VECTORS = 8  # Perfusion learns one vector per trigger; a few leave room for
 MAX_LAYERS = 128  # cross-attention layers: 16 in SD1.x/2.x, 70 in SDXL
 MAX_WIDTH = 8192  # of a text encoding, a token embedding or a layer's output
 MAX_TENSORS = 4 + 2 * MAX_LAYERS  # embedding, i, q, e_sup, and o_v/o_k per layer
-MAX_HEADER_BYTES = 128 * 2**10  # the largest concept above needs about 45 KB (SD1.5: 3 KB, 5 KB with trained K)
-
+MAX_HEADER_BYTES = 128 * 2**10  # the largest concept above needs about 40 KB (SD1.5: 3 KB, 5 KB with trained K)

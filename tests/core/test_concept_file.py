@@ -105,6 +105,8 @@ def _many_layers(t, m, count):
         (lambda t, m: t.update({"o_v.input_blocks.1.1.transformer_blocks.0.attn2": torch.zeros(9000, dtype=torch.float16)}),
          r"has shape \(9000,\)"),
         (lambda t, m: _many_layers(t, m, 129), "129 layers: a concept edits 1 to 128"),
+        (lambda t, m: t.update({f"o_k.{k[4:]}": torch.zeros(3, dtype=torch.float16) for k in list(t) if k[:4] == "o_v."}),
+         r"'o_k\.[\w.]+' has shape \(3,\) but 'o_v"),
     ],
 )
 def test_files_outside_the_concept_envelope_are_refused(tmp_path, concept, edit, message):
