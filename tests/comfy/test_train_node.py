@@ -20,8 +20,16 @@ def state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def same_state(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def changed(a, b) -> list[str]:
+    """What differs between two state dicts: keys gained or lost, then tensors with their dtype/device/largest change
+    (so a rare failure says which weight moved, and how)."""
+    out = [f"keys {sorted(a.keys() ^ b.keys())[:5]}"] if a.keys() != b.keys() else []
+    for k in a.keys() & b.keys():
+        x, y = a[k], b[k]
+        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y.to(x.device)):
+            delta = (x.float() - y.float().to(x.device)).abs().max().item() if x.shape == y.shape else "shape"
+            out.append(f"{k}: {x.dtype}/{x.device} -> {y.dtype}/{y.device}, max change {delta}")
+    return out
 
 
 def photos(count=2):
@@ -74,8 +82,8 @@ def test_training_lowers_the_fixed_loss_and_touches_only_what_it_learns(comfy, l
     assert not torch.equal(end.embedding, start_concept.embedding)
     assert all(not torch.equal(end.value_outputs[l], start_concept.value_outputs[l]) for l in end.layers)
     assert end.key_outputs is None and torch.equal(end.superclass_encoding, start_concept.superclass_encoding)
-    assert same_state(unet_before, state(model.model.diffusion_model)), "UNet weights changed"
-    assert same_state(clip_before, state(clip.cond_stage_model)), "CLIP weights changed"
+    assert not (moved := changed(unet_before, state(model.model.diffusion_model))), f"UNet weights changed: {moved[:8]}"
+    assert not (moved := changed(clip_before, state(clip.cond_stage_model))), f"CLIP weights changed: {moved[:8]}"
     assert all(p.grad is None for p in model.model.diffusion_model.parameters()), "UNet weights got gradients"
 
 
