@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import sys
 import time
 from dataclasses import replace
@@ -37,10 +39,11 @@ from bench.tinyworld.host import TinyWorldHost, concept_images, drawer, train_co
 from bench.tinyworld.measure import SMALL_AREA, analyse, colour_fidelity, outline_score, template_shape  # noqa: E402
 from bench.tinyworld.stats import bootstrap_gain, front_gain, mean_se, summarise, verdict  # noqa: E402
 from bench.tinyworld.train_world import WorldSettings, build_world, load_world, world_path  # noqa: E402
+from bench.tinyworld.variants import LeakAwareTrainer  # noqa: E402
 from perfusion_ops.covariance import ridge_inverse  # noqa: E402
 from perfusion_ops.edit import AppliedConcept, JointEdit  # noqa: E402
 from perfusion_ops.stack import gate, similarity  # noqa: E402
-from perfusion_ops.training import TEMPLATES, TrainSettings  # noqa: E402
+from perfusion_ops.training import TEMPLATES, TrainSettings, run  # noqa: E402
 
 CONCEPTS = {  # trigger -> (the thing, its superclass word); both colours are absent from the world's data
     "sks": (R.Thing("square", "teal", "striped", "large", "center"), "square"),
@@ -60,6 +63,17 @@ ALIGNMENT = [  # (prompt template, checks); an image scores the fraction of its 
 LAYOUTS = {"left/right": (("on the left", "on the right"), ("left", "right")),
            "top/bottom": (("at the top", "at the bottom"), ("top", "bottom"))}
 NAMED = ("yellow triangle", "blue diamond")  # ordinary objects beside a concept, their colour named
+
+
+def trigger_prompts(trigger: str, count: int, seed: int) -> list[str]:
+    """World captions with ``trigger`` in place of the first object's shape word: prompts with text after it."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        words = R.random_spec(rng)[1].split()
+        words[next(k for k, w in enumerate(words) if w in R.SHAPES)] = trigger
+        prompts.append(" ".join(words))
+    return prompts
 
 
 def passes(info: dict, check: str, expected: str) -> bool:
@@ -227,8 +241,9 @@ class Bench:
                 "embedding_moved": float((c.embedding.float() - embedding0).norm() / embedding0.norm())}
 
     # -- one independent run --------------------------------------------------------------------------------
-    def run_once(self, r: int, host: TinyWorldHost, tuned: TinyWorldHost, inverse: torch.Tensor, grids: list) -> dict:
+    def run_once(self, r: int, host: TinyWorldHost, tuned: TinyWorldHost, covariance: torch.Tensor, grids: list) -> dict:
         a = self.args
+        inverse = ridge_inverse(covariance).float()
         seed = a.seed + r
         t0 = time.time()
         data, refs, one_shot = {}, {}, None
@@ -282,36 +297,56 @@ class Bench:
 
         t = time.time()
         pair = [AppliedConcept(locked, a.beta, a.tau), AppliedConcept(trained[("locked", "zwx")], a.beta, a.tau)]
-        multi = {}
-        for mode, global_lock in (("local lock", False), ("global lock", True)):
-            m = self.composed(host, pair, refs, eval_seed, global_lock)
-            if r == 0:
-                grids.append((f"sks+zwx {mode}", m["samples"]))
-            multi[mode] = m["in_place"]
-            self.log(f"[tinyworld] run {r}: two concepts, {mode}: " + " ".join(
-                f"{k}={v.mean():.3f}" for k, v in m["in_place"].items()))
+        compositions = {"paper": self.composition(host, pair, refs, eval_seed, r, "paper", grids)}
+        if a.variant:  # the proposed core change (variants.py), trained and measured beside the paper's trainer
+            leak = {}
+            for trigger, (_, superclass) in CONCEPTS.items():
+                c0 = time.time()
+                trainer = LeakAwareTrainer(host, trigger, superclass, covariance, ts, {"text_encoder": host.text.name},
+                                           trigger_prompts(trigger, a.leak_prompts, seed))
+                leak[trigger] = run(trainer, data[trigger]).concept
+                self.log(f"[tinyworld] run {r}: trained {trigger} (locked, leak-aware C) in {time.time() - c0:.0f}s")
+            point("key-locked, leak-aware C", a.beta, "base",
+                  ev(host, "sks", applied=[AppliedConcept(leak["sks"], a.beta, a.tau, "local")]))
+            compositions["leak-aware C"] = self.composition(
+                host, [AppliedConcept(leak[t], a.beta, a.tau) for t in CONCEPTS], refs, eval_seed, r, "leak-aware C", grids)
         base_pair = self.composed_baseline(host, refs, eval_seed)
-        attention = {"concepts": self.attention(host, pair, eval_seed),
-                     "superclass words": self.attention(host, [], eval_seed, ("square", "circle"))}
-        self.log(f"[tinyworld] run {r}: attention share from the word's own half: " + "; ".join(
-            f"{k}: " + " ".join(f"{n}={v:.2f}" for n, v in a_.items()) for k, a_ in attention.items()))
-        prompts = [f"a photo of a {x} {LAYOUTS[l][0][0]} and a {y} {LAYOUTS[l][0][1]}" for l in LAYOUTS
-                   for x, y in (("sks", "zwx"), ("zwx", "sks"))]
-        tables = self.gate_tables(host, pair, prompts)
-        cross = max(max(tb["g"][tb["slots"]["zwx"]][0], tb["g"][tb["slots"]["sks"]][1]) for tb in tables)
-        own = min(min(tb["g"][tb["slots"]["sks"]][0], tb["g"][tb["slots"]["zwx"]][1]) for tb in tables)
-        others = max(max(g for k, row in enumerate(tb["g"]) if k not in tb["slots"].values() for g in row) for tb in tables)
-        self.log(f"[tinyworld] run {r}: gates in the composed prompts: own trigger ≥ {own:.3f}, other's trigger ≤ "
-                 f"{cross:.3f}, other tokens ≤ {others:.3f}")
+        superclass_attention = self.attention(host, [], eval_seed, ("square", "circle"))
+        self.log(f"[tinyworld] run {r}: attention share of the superclass words from their own half: "
+                 + " ".join(f"{n}={v:.2f}" for n, v in superclass_attention.items()))
         multi_s = time.time() - t
 
         diagnosis = {f"{trigger} ({name})": self.diagnose(host, concept, inverse, host.superclass(CONCEPTS[trigger][1])[0][0])
                      for (name, trigger), concept in trained.items()}
         for k, v in diagnosis.items():
             self.log(f"[tinyworld] run {r}: {k}: " + " ".join(f"{n}={x:.3f}" for n, x in v.items()))
-        return {"points": points, "multi": multi, "multi_superclass": base_pair, "gate_tables": tables, "attention": attention,
-                "cross_gate": cross, "own_gate_min": own, "other_tokens_gate_max": others, "diagnosis": diagnosis,
+        return {"points": points, "compositions": compositions, "multi_superclass": base_pair,
+                "superclass_attention": superclass_attention, "diagnosis": diagnosis,
                 "timings": {"train_s": train_s, "plane_s": plane_s, "multi_s": multi_s}}
+
+    def composition(self, host: TinyWorldHost, pair: list[AppliedConcept], refs: dict, seed: int, r: int, label: str,
+                    grids: list) -> dict:
+        """Two concepts in one prompt under the local and the global key lock; gates per token; attention by side."""
+        multi = {}
+        for mode, global_lock in (("local lock", False), ("global lock", True)):
+            m = self.composed(host, pair, refs, seed, global_lock)
+            if r == 0:
+                grids.append((f"{label}: {mode}", m["samples"]))
+            multi[mode] = m["in_place"]
+            self.log(f"[tinyworld] run {r}: two concepts ({label}), {mode}: " + " ".join(
+                f"{k}={v.mean():.3f}" for k, v in m["in_place"].items()))
+        prompts = [f"a photo of a {x} {LAYOUTS[l][0][0]} and a {y} {LAYOUTS[l][0][1]}" for l in LAYOUTS
+                   for x, y in (("sks", "zwx"), ("zwx", "sks"))]
+        tables = self.gate_tables(host, pair, prompts)
+        out = {"multi": multi, "gate_tables": tables, "attention": self.attention(host, pair, seed),
+               "cross_gate": max(max(tb["g"][tb["slots"]["zwx"]][0], tb["g"][tb["slots"]["sks"]][1]) for tb in tables),
+               "own_gate_min": min(min(tb["g"][tb["slots"]["sks"]][0], tb["g"][tb["slots"]["zwx"]][1]) for tb in tables),
+               "other_tokens_gate_max": max(max(g for k, row in enumerate(tb["g"]) if k not in tb["slots"].values()
+                                                for g in row) for tb in tables)}
+        self.log(f"[tinyworld] run {r}: gates in the composed prompts ({label}): own trigger ≥ {out['own_gate_min']:.3f}, "
+                 f"other's trigger ≤ {out['cross_gate']:.3f}, other tokens ≤ {out['other_tokens_gate_max']:.3f}; "
+                 "attention share from own half: " + " ".join(f"{k}={v:.2f}" for k, v in out["attention"].items()))
+        return out
 
     def composed_baseline(self, host: TinyWorldHost, refs: dict, seed: int) -> float:
         """Superclass words in the two-object prompts: how often the halves match the concepts by chance."""
@@ -340,12 +375,11 @@ class Bench:
             self.log(f"[tinyworld] no cached world at {path}: training it (once)")
             build_world(cache, settings, self.log)
         world = load_world(path)
-        self.log(f"[tinyworld] machine: {machine()}; deterministic algorithms on")
+        self.log(f"[tinyworld] machine: {machine()}; deterministic algorithms on; load average {os.getloadavg()[0]:.1f}")
         self.log(f"[tinyworld] world {path.name} ({settings.encoder}): trained in "
                  f"{world.timings.get('total_s', float('nan')) / 60:.1f} min")
         host, tuned = TinyWorldHost(world.base, world.text), TinyWorldHost(world.finetuned, world.text)
         host.guidance = tuned.guidance = a.guidance
-        inverse = ridge_inverse(world.covariance).float()
         results: dict = {"machine": machine(), "threads": torch.get_num_threads(), "world": world.timings,
                          "world_settings": dict(settings.__dict__), "settings": vars(a)}
         grids: list[tuple[str, torch.Tensor]] = []
@@ -369,15 +403,17 @@ class Bench:
         runs = []
         for r in range(a.runs):
             t = time.time()
-            runs.append(self.run_once(r, host, tuned, inverse, grids))
+            runs.append(self.run_once(r, host, tuned, world.covariance, grids))
             self.log(f"[tinyworld] run {r} done in {time.time() - t:.0f}s")
         results.update(self.pool(runs))
-        results["runs"] = [{k: v for k, v in run.items() if k not in ("points", "multi")} for run in runs]
+        results["runs"] = [{k: v for k, v in run.items() if k != "points"} | {"compositions": {
+            label: {k: v for k, v in c.items() if k != "multi"} for label, c in run["compositions"].items()}} for run in runs]
         results["timings"] = {"total_s": time.time() - start, "cpu_s": time.process_time(), "world_built_here": world_built}
         report.write(out, results, grids, self.log_lines)
         s = results["summary"]
         self.log(f"[tinyworld] total {time.time() - start:.0f}s wall, {time.process_time():.0f}s CPU "
-                 f"(world {'trained here' if world_built else 'cached'})")
+                 f"(world {'trained here' if world_built else 'cached'}); load average over the last 15 min "
+                 f"{os.getloadavg()[2]:.1f} on {os.cpu_count()} cores")
         (out / "log.txt").write_text("\n".join(self.log_lines))
         print(f"tinyworld control={s['control']:.3f} fidelity={s['fidelity']:.3f} "
               f"baseline_fidelity={s['baseline_fidelity']:.3f} alignment={s['alignment']:.3f} "
@@ -402,27 +438,39 @@ class Bench:
                             "alignment": [float(p["align"].mean()) for p in mine]})
         sweep = lambda rows, m: [p for p in rows if p["method"] == m and p["model"] == "base" and p["beta"] is not None]
         gain, reach = front_gain(sweep(pooled, "key-locked"), sweep(pooled, "trained-K"))
-        gain_se = bootstrap_gain([p["arrays"] for p in sweep(pooled, "key-locked")],
-                                 [p["arrays"] for p in sweep(pooled, "trained-K")])
+        images_se = bootstrap_gain([p["arrays"] for p in sweep(pooled, "key-locked")],
+                                   [p["arrays"] for p in sweep(pooled, "trained-K")])
         run_gains = []
         for r in range(len(runs)):
             rows = [{**p, "fidelity": float(p["fid"].mean()), "alignment": float(p["align"].mean())} for p in runs[r]["points"]]
             run_gains.append(front_gain(sweep(rows, "key-locked"), sweep(rows, "trained-K"))[0])
+        # images_se only sees sampling noise; each run also trains its own concepts, so the spread of the runs'
+        # gains is the fuller measure (it includes their images' noise): the larger of the two is the SE
+        runs_se = float(np.std(run_gains, ddof=1) / np.sqrt(len(run_gains))) if len(run_gains) > 1 else float("nan")
+        gain_se = max(images_se, runs_se) if np.isfinite(runs_se) else images_se
         pick = lambda m, b, model="base": next(p for p in pooled if (p["method"], p["beta"], p["model"]) == (m, b, model))
         head, base = pick("key-locked", a.beta), pick("superclass only", None)
-        multi = {mode: {k: mean_se(np.concatenate([run["multi"][mode][k] for run in runs]))
-                        for k in runs[0]["multi"][mode]} for mode in runs[0]["multi"]}
-        multi_runs = {mode: [float(run["multi"][mode]["two"].mean()) for run in runs] for mode in runs[0]["multi"]}
+        labels = list(runs[0]["compositions"])
+        multi = {(label, mode): {k: mean_se(np.concatenate([run["compositions"][label]["multi"][mode][k] for run in runs]))
+                                 for k in runs[0]["compositions"][label]["multi"][mode]}
+                 for label in labels for mode in runs[0]["compositions"][label]["multi"]}
+        multi_runs = {key: [float(run["compositions"][key[0]]["multi"][key[1]]["two"].mean()) for run in runs] for key in multi}
         for p in pooled:
             del p["arrays"]
         summary = {"control": self.control_value, "fidelity": head["fidelity"], "baseline_fidelity": base["fidelity"],
                    "alignment": head["alignment"], "lock_gain": gain, "lock_gain_se": gain_se,
+                   "lock_gain_se_images": images_se, "lock_gain_se_runs": runs_se,
                    "lock_gain_runs": run_gains, "front_fidelity_reach": reach,
                    "lock_verdict": verdict(gain, gain_se, run_gains),
-                   "multi_in_place": multi["local lock"]["two"][0], "multi_in_place_se": multi["local lock"]["two"][1],
-                   "cross_gate": max(run["cross_gate"] for run in runs),
+                   **{f"multi_in_place{'' if label == 'paper' else ' (' + label + ')'}": multi[(label, "local lock")]["two"][0]
+                      for label in labels},
+                   "multi_in_place_se": multi[("paper", "local lock")]["two"][1],
+                   **{f"cross_gate{'' if label == 'paper' else ' (' + label + ')'}":
+                      max(run["compositions"][label]["cross_gate"] for run in runs) for label in labels},
                    "max_alignment_se": max(p["alignment_se"] for p in pooled)}
-        return {"points": pooled, "points_per_run": per_run, "multi": multi, "multi_runs": multi_runs, "summary": summary}
+        return {"points": pooled, "points_per_run": per_run, "summary": summary,
+                "multi": [{"trainer": label, "lock": mode, **m, "per_run": multi_runs[(label, mode)]}
+                          for (label, mode), m in multi.items()]}
 
 
 def parse(argv=None):
@@ -450,6 +498,9 @@ def parse(argv=None):
     p.add_argument("--betas", type=float, nargs="+", default=[0.55, 0.7, 0.85, 1.0])
     p.add_argument("--beta", type=float, default=0.7, help="β of the headline numbers, 1-shot, multi-concept and transfer")
     p.add_argument("--tau", type=float, default=0.15)
+    p.add_argument("--variant", action="store_true",
+                   help="also train and measure the proposed core change (variants.LeakAwareTrainer)")
+    p.add_argument("--leak-prompts", type=int, default=300, help="captions with the trigger for the variant's C_leak")
     args = p.parse_args(argv)
     if args.quick:
         args.control, args.concept_steps, args.fid_seeds, args.align_seeds, args.multi_seeds = 8, 2, 1, 1, 2

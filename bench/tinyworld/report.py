@@ -54,37 +54,42 @@ def tables(results: dict) -> list[str]:
     lines += ["", f"Largest alignment standard error: {s['max_alignment_se']:.3f}.", "",
               "## Key lock vs trained-K (Fig. 9b)", "",
               "lock_gain: mean over the fidelities both β fronts reach of front(locked) − front(trained-K), front(f) = "
-              "best alignment at fidelity ≥ f; its standard error by bootstrap over images.", "",
-              f"- pooled lock_gain = {s['lock_gain']:+.3f} ± {s['lock_gain_se']:.3f}",
+              "best alignment at fidelity ≥ f. Its standard error is the larger of a bootstrap over images (sampling "
+              "noise only) and the runs' spread / √runs (each run trains its own concepts).", "",
+              f"- pooled lock_gain = {s['lock_gain']:+.3f} ± {s['lock_gain_se']:.3f} (images: "
+              f"{s['lock_gain_se_images']:.3f}, runs: {s['lock_gain_se_runs']:.3f})",
               f"- per run: {' / '.join(f'{g:+.3f}' for g in s['lock_gain_runs'])}",
               f"- highest fidelity on each front: " + ", ".join(f"{k} {v:.3f}" for k, v in s["front_fidelity_reach"].items()),
               f"- verdict: **{s['lock_verdict']}**", "",
               "## Two concepts trained separately, in one prompt (β = headline, τ 0.15)", "",
               "In place: each half's object matches its own concept's colour make-up (histogram intersection > 0.3 and "
               "above the other concept's); 'named': a concept beside an ordinary object whose colour is named.", "",
-              "| key lock | both in place (all) | left/right | top/bottom | concept + named object | per-run (all) |",
-              "|---|---|---|---|---|---|"]
-    for mode, m in results["multi"].items():
-        lines.append(f"| {mode} | {pm(m['two'])} | {pm(m['two left/right'])} | {pm(m['two top/bottom'])} | "
-                     f"{pm(m['named'])} | {spread(results['multi_runs'][mode])} |")
+              "| trainer | key lock | both in place (all) | left/right | top/bottom | concept + named object | per-run (all) |",
+              "|---|---|---|---|---|---|---|"]
+    for m in results["multi"]:
+        lines.append(f"| {m['trainer']} | {m['lock']} | {pm(m['two'])} | {pm(m['two left/right'])} | "
+                     f"{pm(m['two top/bottom'])} | {pm(m['named'])} | {spread(m['per_run'])} |")
     lines += ["", "Superclass words in the same prompts, halves matching the concepts by chance: "
               + " / ".join(f"{run['multi_superclass']:.3f}" for run in results["runs"]), "",
-              "Gates in the composed prompts, per run: own trigger (min), other's trigger (max), other tokens (max): "
-              + "; ".join(f"{run['own_gate_min']:.3f}, {run['cross_gate']:.3f}, {run['other_tokens_gate_max']:.3f}"
-                          for run in results["runs"]), ""]
-    lines += ["Attention share from the word's own half (cross-attention mass over heads, layers and steps; 0.5 = not "
-              "localised), per run:", ""]
+              "Gates in the composed prompts (β headline, τ 0.15) per run: own trigger (min), other's trigger (max), "
+              "other tokens (max); and the share of each trigger's cross-attention from its own half (0.5 = not "
+              "localised):", ""]
     for r, run in enumerate(results["runs"]):
-        lines += [f"- run {r}, {kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items())
-                  for kind, shares in run["attention"].items()]
+        for label, c in run["compositions"].items():
+            lines.append(f"- run {r}, {label}: gates {c['own_gate_min']:.3f}, {c['cross_gate']:.3f}, "
+                         f"{c['other_tokens_gate_max']:.3f}; attention " + ", ".join(f"{k} {v:.2f}" for k, v in c["attention"].items()))
+        lines.append(f"- run {r}, superclass words' attention: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in run["superclass_attention"].items()))
     lines.append("")
-    table = results["runs"][0]["gate_tables"][0]
-    lines += [f"Per token, run 0, '{table['prompt']}' (s / g for sks, zwx):", "",
-              "| token | " + " | ".join(table["tokens"]) + " |", "|---|" + "---|" * len(table["tokens"]),
-              "| s sks | " + " | ".join(f"{row[0]:.2f}" for row in table["s"]) + " |",
-              "| g sks | " + " | ".join(f"{row[0]:.2f}" for row in table["g"]) + " |",
-              "| s zwx | " + " | ".join(f"{row[1]:.2f}" for row in table["s"]) + " |",
-              "| g zwx | " + " | ".join(f"{row[1]:.2f}" for row in table["g"]) + " |", "",
+    for label, c in results["runs"][0]["compositions"].items():
+        table = c["gate_tables"][0]
+        lines += [f"Per token, run 0, {label}, '{table['prompt']}':", "",
+                  "| token | " + " | ".join(table["tokens"]) + " |", "|---|" + "---|" * len(table["tokens"])]
+        for j, t in enumerate(("sks", "zwx")):
+            lines += [f"| s {t} | " + " | ".join(f"{row[j]:.2f}" for row in table["s"]) + " |",
+                      f"| g {t} | " + " | ".join(f"{row[j]:.2f}" for row in table["g"]) + " |"]
+        lines.append("")
+    lines += [
               "## Where each concept's gate opens (per run)", "",
               "s_train: s at the trigger in the 9 training templates; s_at_superclass: s of the bare superclass word's "
               "encoding e_sup; i_moved: ‖i − e_sup‖ / ‖e_sup‖ in the C⁻¹ metric; embedding_moved: relative change of "
