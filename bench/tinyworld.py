@@ -39,7 +39,7 @@ from bench.tinyworld.host import TinyWorldHost, concept_images, drawer, train_co
 from bench.tinyworld.measure import SMALL_AREA, analyse, colour_fidelity, outline_score, template_shape  # noqa: E402
 from bench.tinyworld.stats import bootstrap_gain, front_gain, mean_se, summarise, verdict  # noqa: E402
 from bench.tinyworld.train_world import WorldSettings, build_world, load_world, world_path  # noqa: E402
-from bench.tinyworld.variants import LeakAwareTrainer  # noqa: E402
+from bench.tinyworld.variants import LeakAwareTrainer, LeakMetric  # noqa: E402
 from perfusion_ops.covariance import ridge_inverse  # noqa: E402
 from perfusion_ops.edit import AppliedConcept, JointEdit  # noqa: E402
 from perfusion_ops.stack import gate, similarity  # noqa: E402
@@ -302,8 +302,8 @@ class Bench:
             leak = {}
             for trigger, (_, superclass) in CONCEPTS.items():
                 c0 = time.time()
-                trainer = LeakAwareTrainer(host, trigger, superclass, covariance, ts, {"text_encoder": host.text.name},
-                                           trigger_prompts(trigger, a.leak_prompts, seed))
+                metric = LeakMetric(covariance, trigger_prompts(trigger, a.leak_prompts, seed))
+                trainer = LeakAwareTrainer(host, trigger, superclass, ts, {"text_encoder": host.text.name}, metric)
                 leak[trigger] = run(trainer, data[trigger]).concept
                 self.log(f"[tinyworld] run {r}: trained {trigger} (locked, leak-aware C) in {time.time() - c0:.0f}s")
             point("key-locked, leak-aware C", a.beta, "base",
