@@ -69,11 +69,17 @@ class PerfusionApply:
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip":
                          "Scales the concept's whole edit: 0 = off (the trigger still gets the learned embedding), "
                          "1 = as trained, above 1 = exaggerated. Unlike beta it does not change where the gate opens."}),
+            "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                         "Where in the sampling schedule the concept starts to act (0 = the first step). Outside "
+                         "start_at–end_at the model is the unedited one."}),
+            "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                       "Where in the sampling schedule the concept stops acting (1 = the last step). Starting late "
+                       "leaves the layout to the prompt; ending early leaves the fine detail to the model."}),
         }}
 
-    def apply(self, model, clip, concept, beta, tau, lock, strength=1.0):
+    def apply(self, model, clip, concept, beta, tau, lock, strength=1.0, start_at=0.0, end_at=1.0):
         concept.check_clip_layer(clip_layer(clip), f"set CLIP Set Last Layer to {concept.clip_layer} before Perfusion Apply")
-        patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock, strength))
+        patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock, strength, start_at, end_at))
         trigger = check_trigger(concept.trigger)
         clip = clip.clone()
         clip.tokenizer = with_concepts(clip.tokenizer, {trigger: concept})

@@ -6,16 +6,17 @@ them while that clone is loaded and restores the originals when another clone of
 """
 from __future__ import annotations
 
-from ..perfusion_ops.edit import AppliedConcept, JointEdit
+from ..perfusion_ops.edit import AppliedConcept, ScheduledEdit
 from .keylock import install_keylock
+from .model_call import ModelCall, install_model_call
 
 PATCH_KEY = "diffusion_model.{layer}.{module}.forward"
 
 
 class PatchedForward:
-    """The edited forward of one host projection, remembering the joint edit it belongs to."""
+    """The edited forward of one host projection, remembering the scheduled joint edit it belongs to."""
 
-    def __init__(self, edit: JointEdit, layer: str, path: str, module):
+    def __init__(self, edit: ScheduledEdit, layer: str, path: str, module):
         self.edit = edit
         self.projection = edit.projection(layer, path, lambda x: type(module).forward(module, x))
 
@@ -58,7 +59,7 @@ def apply_concept(model, entry: AppliedConcept):
     concept.check_layers(layers)
     trigger = concept.trigger.lower()
     entries = [e for e in applied_concepts(model) if e.concept.trigger.lower() != trigger] + [entry]
-    edit = JointEdit(entries)
+    edit = ScheduledEdit(entries)
     patched = model.clone()
     unet = model.model.diffusion_model
     for layer in edit.layers:
@@ -67,5 +68,15 @@ def apply_concept(model, entry: AppliedConcept):
             module = getattr(attention, f"to_{path}")
             patched.add_object_patch(PATCH_KEY.format(layer=layer, module=f"to_{path}"),
                                      PatchedForward(edit, layer, path, module))
+    sampling = model_sampling(patched)
+    ranges = [(sampling.percent_to_sigma(e.start_at), sampling.percent_to_sigma(e.end_at)) for e in entries]
+    install_model_call(patched, ModelCall(edit, ranges))
     install_keylock(patched)
     return patched
+
+
+def model_sampling(model):
+    """The model's σ schedule object, with a ModelSamplingDiscrete-style node's object patch if there is one."""
+    if hasattr(model, "get_model_object"):  # trees since mid-2024
+        return model.get_model_object("model_sampling")
+    return model.object_patches.get("model_sampling", model.model.model_sampling)

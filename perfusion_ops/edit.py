@@ -7,7 +7,7 @@ from the host's *current* ``W_K``, so a concept trained on one checkpoint follow
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,19 +20,29 @@ LOCKS = ("local", "trained-k")  # global key lock is local lock plus a superclas
 
 @dataclass(frozen=True)
 class AppliedConcept:
-    """One concept as the user applied it: its gate (β, τ), how its K pathway is set, and a strength in [0, 2]
-    scaling its whole contribution (1: the paper's edit; 0: none; see :class:`ConceptStack`)."""
+    """One concept as the user applied it: its gate (β, τ), how its K pathway is set, a strength in [0, 2]
+    scaling its whole contribution (1: the paper's edit; 0: none; see :class:`ConceptStack`), and the part of the
+    sampling schedule it acts in, ``start_at`` to ``end_at`` (fractions: 0 the first step, 1 the last)."""
 
     concept: Concept
     beta: float
     tau: float
     lock: str = "local"
     strength: float = 1.0
+    start_at: float = 0.0
+    end_at: float = 1.0
 
     def __post_init__(self):
         check_gate(self.beta, self.tau, what=f"concept '{self.concept.trigger}'")
         if not (math.isfinite(self.strength) and 0.0 <= self.strength <= 2.0):
             raise ConceptError(f"concept '{self.concept.trigger}': strength {self.strength} must be in [0, 2]")
+        if not (0.0 <= self.start_at <= self.end_at <= 1.0):  # also refuses NaN
+            raise ConceptError(f"concept '{self.concept.trigger}': start_at {self.start_at} and end_at "
+                               f"{self.end_at} must satisfy 0 ≤ start_at ≤ end_at ≤ 1")
+
+    @property
+    def whole_schedule(self) -> bool:
+        return self.start_at == 0.0 and self.end_at == 1.0
         if self.lock not in LOCKS:
             raise ConceptError(f"unknown lock mode '{self.lock}' (choose {' or '.join(LOCKS)})")
         if self.lock == "trained-k" and not self.concept.trained_keys:
@@ -97,3 +107,46 @@ class JointEdit:
             return project
         locked = self.locked if path == "k" else None
         return EditedProjection(project, self.shared, self.targets(layer, path), locked)
+
+
+class ScheduledEdit:
+    """The joint edit over a sampling run, where each concept acts only inside its ``start_at``–``end_at`` range.
+
+    The host says which concepts are in range before each model call (:meth:`select`); every projection made by
+    :meth:`projection` then computes the joint edit of those concepts alone — the others as at strength 0, so
+    exactly the edit without them — and the host's own projection when none is in range. One :class:`JointEdit`
+    per set of concepts in range is built on first use and kept."""
+
+    def __init__(self, applied: list[AppliedConcept]):
+        self.applied = list(applied)
+        self.in_range = (True,) * len(self.applied)
+        full = JointEdit(self.applied)  # also checks that the concepts agree
+        self.layers = full.layers
+        self._edits: dict[tuple[bool, ...], JointEdit] = {self.in_range: full}
+        self._projections: dict[tuple, Projection] = {}
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether any concept acts in only part of the schedule (else :meth:`select` never changes anything)."""
+        return not all(entry.whole_schedule for entry in self.applied)
+
+    def select(self, in_range: tuple[bool, ...]) -> bool:
+        """Set which concepts act in the coming model call; True if any of them does, at a strength above 0."""
+        self.in_range = tuple(bool(flag) for flag in in_range)
+        return any(flag and entry.strength > 0 for flag, entry in zip(self.in_range, self.applied))
+
+    def edit(self) -> JointEdit:
+        """The joint edit of the concepts in range now."""
+        if self.in_range not in self._edits:
+            self._edits[self.in_range] = JointEdit([entry if flag else replace(entry, strength=0.0)
+                                                    for entry, flag in zip(self.applied, self.in_range)])
+        return self._edits[self.in_range]
+
+    def projection(self, layer: str, path: str, project: Projection) -> Projection:
+        """The edited forward of ``layer``'s ``to_k``/``to_v`` around ``project``, following :meth:`select`."""
+        def forward(x):
+            key = (self.in_range, layer, path)
+            if key not in self._projections:
+                self._projections[key] = self.edit().projection(layer, path, project)
+            return self._projections[key](x)
+        return forward

@@ -128,6 +128,47 @@ def test_strength_scales_the_edit_linearly(comfy, loaded, concept_files):
         apply(comfy, model, clip, concept, strength=float("nan"))
 
 
+@pytest.mark.parametrize("start_at, end_at", [(0.5, 1.0), (0.0, 0.4)])
+def test_outside_start_at_end_at_the_model_is_the_plain_one(comfy, loaded, concept_files, start_at, end_at):
+    """Sampling records each UNet call's σ and every to_k/to_v call of one layer: at the steps outside the range each
+    output is the host projection of its input, bit for bit; inside it the edit acts (the prompt holds the trigger)."""
+    model, clip = loaded
+    concept = concept_files.concept("hugsy")
+    patched, patched_clip = apply(comfy, model, clip, concept, 0.6, 0.15, start_at=start_at, end_at=end_at)
+    with torch.inference_mode():
+        cond = comfy.node("CLIPTextEncode")().encode(patched_clip, PROMPT.format("hugsy"))[0]
+        negative = comfy.node("CLIPTextEncode")().encode(patched_clip, "blurry")[0]
+        latent_in = comfy.node("EmptyLatentImage")().generate(64, 64, 1)[0]
+    comfy.model_management.load_models_gpu([patched])
+    sampling = comfy.pack.nodes.patching.model_sampling(patched)
+    unet = patched.model.diffusion_model
+    attention = unet.get_submodule(next(iter(concept.value_outputs)))
+    calls = []  # per UNet call: [σ, (edited, host) per projection call]
+
+    def unet_call(module, args, kwargs):
+        timestep = args[1] if len(args) > 1 else kwargs["timesteps"]
+        calls.append([float(sampling.sigma(timestep.flatten()[:1]))])
+
+    hooks = [unet.register_forward_pre_hook(unet_call, with_kwargs=True)]
+    hooks += [m.register_forward_hook(lambda mod, args, out: calls[-1].append((out.clone(), type(mod).forward(mod, args[0]))))
+              for m in (attention.to_k, attention.to_v)]
+    try:
+        with torch.inference_mode():
+            comfy.nodes.common_ksampler(patched, 0, 6, 5.0, "euler", "normal", cond, negative, latent_in)
+    finally:
+        for h in hooks:
+            h.remove()
+    high, low = sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at)
+    # The UNet sees σ rounded to the model's timestep grid: judge only steps clearly away from a boundary.
+    clear = [(sigma, low <= sigma <= high, outputs) for sigma, *outputs in calls
+             if min(abs(sigma - low), abs(sigma - high)) > 0.05 * sigma]
+    assert len(calls) == 6 and {act for _, act, _ in clear} == {True, False}, (calls, high, low)
+    for sigma, act, outputs in clear:
+        assert len(outputs) == 2  # one batched (cond, uncond) call of each projection
+        for edited, host in outputs:
+            assert torch.equal(edited, host) != act, (sigma, act)
+
+
 def test_lora_and_perfusion_compose(comfy, loaded, small_lora, concept_files):
     model, clip = loaded
     concept = concept_files.concept("hugsy")
@@ -163,7 +204,7 @@ def another_packs_wrapper(apply_model, args):
 
 @pytest.mark.parametrize("foreign", [False, True], ids=["alone", "beside-another-wrapper"])
 def test_global_key_lock_feeds_k_the_superclass_prompt(comfy, loaded, concept_files, foreign):
-    if foreign and comfy.pack.nodes.keylock.WrappersMP is None:
+    if foreign and comfy.pack.nodes.model_call.WrappersMP is None:
         pytest.skip("the 2024 tree has one unet function wrapper slot: a wrapper set after Apply replaces the key lock's")
     model, clip = loaded
     concept = concept_files.concept("hugsy")

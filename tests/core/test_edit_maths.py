@@ -5,7 +5,7 @@ import torch
 from factories import random_concept, random_covariance, real_covariance, sample_encodings
 from perfusion_ops import ConceptStack, EditedProjection, SharedContext, gate, similarity
 from perfusion_ops.covariance import ridge_inverse
-from perfusion_ops.edit import AppliedConcept, JointEdit
+from perfusion_ops.edit import AppliedConcept, JointEdit, ScheduledEdit
 
 D, OUT = 768, 320
 
@@ -265,3 +265,32 @@ def test_an_in_place_change_of_the_context_is_seen():
         after = projection(context)
         fresh = projection(context.clone())
     assert torch.equal(after, fresh) and not torch.equal(after, before)
+
+
+def test_a_scheduled_edit_is_the_joint_edit_of_the_concepts_in_range():
+    """Concepts out of their start_at–end_at range take no part: the edit of those in range is the joint edit of them
+    alone (bit for bit), with none in range it is the host projection, and it follows each select."""
+    cov, a, b = correlated_concepts(0.3)
+    w = torch.randn(OUT, D, generator=torch.Generator().manual_seed(3)) / D**0.5
+    host = lambda x: x @ w.T
+    e = sample_encodings(cov, 40, seed=4).float().reshape(2, 20, D)
+    e[0, 3], e[1, 7] = a.target_input, b.target_input
+    applied = [AppliedConcept(a, 0.6, 0.15, start_at=0.0, end_at=0.5), AppliedConcept(b, 0.5, 0.2, start_at=0.3)]
+    scheduled = ScheduledEdit(applied)
+    assert scheduled.scheduled and not ScheduledEdit([AppliedConcept(a, 0.6, 0.15)]).scheduled
+    edits = {path: scheduled.projection("layer", path, host) for path in "kv"}
+    want = {(True, True): JointEdit(applied), (True, False): JointEdit(applied[:1]),
+            (False, True): JointEdit(applied[1:])}
+    for flags in [(True, False), (False, True), (True, True), (False, False), (True, False)]:
+        assert scheduled.select(flags) == any(flags)
+        for path in "kv":
+            expected = host(e) if not any(flags) else want[flags].projection("layer", path, host)(e)
+            assert torch.equal(edits[path](e), expected), (flags, path)
+    assert not ScheduledEdit([AppliedConcept(a, 0.6, 0.15, strength=0.0)]).select((True,))  # in range, strength 0
+
+
+@pytest.mark.parametrize("start, end", [(0.6, 0.4), (-0.1, 1.0), (0.0, 1.5), (float("nan"), 1.0)])
+def test_schedule_ranges_outside_zero_to_one_are_refused(start, end):
+    concept = random_concept(layers={"a": 8})
+    with pytest.raises(ValueError, match="start_at .* end_at"):
+        AppliedConcept(concept, 0.7, 0.15, start_at=start, end_at=end)
