@@ -13,7 +13,9 @@
    with every gate at every token; transfer to the fine-tuned copy. Figures pool the runs' images and carry standard
    errors; lock_gain has a bootstrap standard error and a verdict that must hold in every run.
 
-Run: .venv/bin/python bench/tinyworld.py --threads 2   (trains the world on first use; ``--quick``: smoke run)
+Run: .venv/bin/python bench/tinyworld.py --threads 1   (trains the world on first use; ``--quick``: smoke run;
+``--variant``: also the leak-aware gate metric of ``variants.py``). On a 2-core machine shared with other jobs one
+thread is ~3× faster than two (two threads wait on each other). Results are bit-identical for a given thread count.
 Writes under --out: results.md (tables), results.json, pareto.png, samples.png, log.txt; last line is the summary.
 """
 from __future__ import annotations
@@ -304,7 +306,7 @@ class Bench:
                 c0 = time.time()
                 metric = LeakMetric(covariance, trigger_prompts(trigger, a.leak_prompts, seed))
                 trainer = LeakAwareTrainer(host, trigger, superclass, ts, {"text_encoder": host.text.name}, metric)
-                leak[trigger] = run(trainer, data[trigger]).concept
+                leak[trigger] = trained[("leak-aware C", trigger)] = run(trainer, data[trigger]).concept
                 self.log(f"[tinyworld] run {r}: trained {trigger} (locked, leak-aware C) in {time.time() - c0:.0f}s")
             point("key-locked, leak-aware C", a.beta, "base",
                   ev(host, "sks", applied=[AppliedConcept(leak["sks"], a.beta, a.tau, "local")]))
@@ -483,7 +485,8 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny world and evaluation (pipeline smoke run, numbers meaningless)")
     p.add_argument("--runs", type=int, default=3, help="independent runs (concept renderings, training and sampling seeds)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=12, help="sampler steps (ancestral DDIM)")
+    p.add_argument("--steps", type=int, default=8,
+                   help="sampler steps (ancestral DDIM; against 12 steps, caption control moved within its noise)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--control", type=int, default=96)
     p.add_argument("--shots", type=int, default=5)

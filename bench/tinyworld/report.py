@@ -116,6 +116,7 @@ def write(out: Path, results: dict, grids, log_lines: list[str]) -> None:
 
 STYLES = {("key-locked", "base"): "blue", ("trained-K", "base"): "red", ("embedding only (TI)", "base"): "green",
           ("superclass only", "base"): "gray", ("key-locked 1-shot", "base"): "purple",
+          ("key-locked, leak-aware C", "base"): "magenta",
           ("key-locked", "finetuned"): "cyan", ("trained-K", "finetuned"): "orange", ("superclass only", "finetuned"): "black"}
 
 
@@ -138,7 +139,7 @@ def pareto_png(points: list[dict], per_run: list[dict], path: Path) -> None:
         d.text((m - 40, Y(a) - 6), f"{a:.2f}", fill="black")
     d.text((w / 2 - 120, h - 30), "visual fidelity (object-colour histogram intersection)", fill="black")
     d.text((8, 20), "text alignment (fraction of procedural checks passed); thin lines: single runs", fill="black")
-    legend_y = m + 8
+    legend_y = h - m - 8 - 16 * len(STYLES)  # lower left: the fronts run along the top right
     for (method, model), colour in STYLES.items():
         mine = sorted((p for p in points if p["method"] == method and p["model"] == model), key=lambda p: p["fidelity"])
         if not mine:
@@ -157,8 +158,8 @@ def pareto_png(points: list[dict], per_run: list[dict], path: Path) -> None:
             d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
             if p["beta"] is not None:
                 d.text((x + 7, y - 12), f"b={p['beta']}", fill=colour)
-        d.rectangle([w - m - 210, legend_y, w - m - 200, legend_y + 10], fill=colour)
-        d.text((w - m - 195, legend_y - 2), f"{method} ({model})", fill="black")
+        d.rectangle([m + 10, legend_y, m + 20, legend_y + 10], fill=colour)
+        d.text((m + 25, legend_y - 2), f"{method} ({model})", fill="black")
         legend_y += 16
     img.save(path)
 
