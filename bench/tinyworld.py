@@ -416,11 +416,11 @@ class Bench:
         self.log(f"[tinyworld] total {time.time() - start:.0f}s wall, {time.process_time():.0f}s CPU "
                  f"(world {'trained here' if world_built else 'cached'}); load average over the last 15 min "
                  f"{os.getloadavg()[2]:.1f} on {os.cpu_count()} cores")
-        (out / "log.txt").write_text("\n".join(self.log_lines))
-        print(f"tinyworld control={s['control']:.3f} fidelity={s['fidelity']:.3f} "
-              f"baseline_fidelity={s['baseline_fidelity']:.3f} alignment={s['alignment']:.3f} "
-              f"lock_gain={s['lock_gain']:+.3f} lock_gain_se={s['lock_gain_se']:.3f} "
-              f"multi_in_place={s['multi_in_place']:.3f} cross_gate={s['cross_gate']:.3f}")
+        self.log(f"tinyworld control={s['control']:.3f} fidelity={s['fidelity']:.3f} "
+                 f"baseline_fidelity={s['baseline_fidelity']:.3f} alignment={s['alignment']:.3f} "
+                 f"lock_gain={s['lock_gain']:+.3f} lock_gain_se={s['lock_gain_se']:.3f} "
+                 f"multi_in_place={s['multi_in_place']:.3f} cross_gate={s['cross_gate']:.3f}")
+        (out / "log.txt").write_text("\n".join(self.log_lines))  # ends with the summary line, as stdout does
         return 0
 
     def pool(self, runs: list[dict]) -> dict:
