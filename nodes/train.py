@@ -1,8 +1,10 @@
-"""Perfusion Train Concept: in-graph training on the user's checkpoint, with a progress bar and a loss chart."""
+"""Perfusion Train Concept: in-graph training on the user's checkpoint, with a progress bar, a loss chart and preview
+renders; it resumes from its checkpoints, and takes photos as batches or as lists of any sizes."""
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -12,14 +14,18 @@ import comfy.utils
 import folder_paths
 
 from ..perfusion_ops.captions import caption_digest, caption_source
-from ..perfusion_ops.concept_file import save_concept
+from ..perfusion_ops.concept import ConceptError
+from ..perfusion_ops.concept_file import load_training_state, save_concept
 from ..perfusion_ops.covariance import cached_covariance, estimate_covariance, ridge_inverse
-from ..perfusion_ops.files import safe_file_name
+from ..perfusion_ops.envelope import MAX_STEPS
+from ..perfusion_ops.files import atomic_write_bytes, safe_file_name
 from ..perfusion_ops.training import Sample, TrainSettings, Trainer, normalise_masks, prompts_for, run
-from .folders import caption_files, caption_path, save_dir
+from .folders import FOLDER, caption_files, caption_path, save_dir
 from .clip_layer import clip_layer
 from .inference import CATEGORY, CONCEPT
-from .loss_chart import loss_chart, loss_chart_image
+from .loss_chart import live_preview, loss_chart
+from .previews import (DEFAULT_PROMPTS, MAX_PROMPTS, PLACEHOLDER, Previews, data_urls, parse_prompts, png_bytes,
+                       side_by_side)
 from .tokenizer import check_trigger
 from .training_host import ComfyTrainingHost
 
@@ -36,30 +42,55 @@ def square_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(square, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def prepare_data(vae, model, images, masks, resolution: int, flip: bool):
-    """VAE latents of every image (and its mirror), computed once, and the matching loss weights or None."""
-    if images is None or images.shape[0] == 0:
-        raise ValueError("no training images: connect an IMAGE batch with at least one photo")
+def prepare_data(vae, model, images: list[torch.Tensor], masks: list[torch.Tensor] | None, resolution: int,
+                 flip: bool, seed: int):
+    """VAE latents of every photo (and its mirror), computed once, the matching loss weights or None, and a line
+    saying what was used.
+
+    ``images`` is a list of ``(B, H, W, C)`` batches of any sizes (ComfyUI's list outputs; a batch alone is a list of
+    one); each photo is centre-cropped to a square and resized to ``resolution``, as SD1.5 trains on squares (buckets
+    of other aspect ratios would need batches of one shape each). ``masks``, if given, holds one entry for every batch
+    or one per batch: one mask, or one per photo, of its photos' size. Where the host's VAE samples its latent
+    distribution (the 2024 tree; later ones take its mean), it samples from ``seed`` (the global generators are left
+    as they were), so one seed gives one run, resumed or not."""
+    if not sum(batch.shape[0] for batch in images):
+        raise ValueError("no training images: connect an IMAGE batch or list with at least one photo")
     if resolution % 64:
         raise ValueError(f"resolution must be a multiple of 64, got {resolution}")
-    if not torch.isfinite(images).all():
+    if not all(bool(torch.isfinite(batch).all()) for batch in images):
         raise ValueError("the training images contain NaN or infinite values")
-    pixels = square_crop(images.float(), resolution)
+    if masks is not None and len(masks) not in (1, len(images)):
+        raise ValueError(f"got {len(masks)} mask inputs for {len(images)} image batches (give one, or one per batch)")
+    pixels = torch.cat([square_crop(batch.float(), resolution) for batch in images])
     if masks is not None:
-        masks = masks if masks.ndim == 3 else masks.reshape(-1, *masks.shape[-2:])
-        if masks.shape[-2:] != images.shape[1:3]:
-            raise ValueError(f"mask size {tuple(masks.shape[-2:])} differs from image size {tuple(images.shape[1:3])}")
-        if masks.shape[0] not in (1, images.shape[0]):
-            raise ValueError(f"got {masks.shape[0]} masks for {images.shape[0]} images (give one, or one per image)")
-        masks = square_crop(masks.expand(images.shape[0], -1, -1)[..., None].float(), resolution)
+        masks = torch.cat([square_crop(_masks_for(masks[k % len(masks)], batch), resolution)
+                           for k, batch in enumerate(images)])
     if flip:
         pixels = torch.cat([pixels, pixels.flip(-1)])
         masks = None if masks is None else torch.cat([masks, masks.flip(-1)])
-    latents = model.model.process_latent_in(vae.encode(pixels.movedim(1, -1)[..., :3]))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        latents = model.model.process_latent_in(vae.encode(pixels.movedim(1, -1)[..., :3]))
+    sizes = Counter(f"{batch.shape[2]}×{batch.shape[1]}" for batch in images for _ in range(batch.shape[0]))
+    count = sum(sizes.values())
+    listed = ", ".join(f"{n} of {size}" for size, n in sizes.items())
+    used = (f"training on {count} photo{'s' * (count > 1)} ({listed}) "
+            f"from {len(images)} input batch{'es' if len(images) > 1 else ''}, each centre-cropped to a square and "
+            f"resized to {resolution}×{resolution}{', with mirrored copies' if flip else ''}: {len(latents)} latents")
     if masks is None:
-        return latents, None
+        return latents, None, used
     weights = normalise_masks(F.interpolate(masks, size=latents.shape[-2:], mode="area"))
-    return latents, weights
+    return latents, weights, used
+
+
+def _masks_for(masks: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, 1)`` masks for the batch ``images`` from one mask or one per photo, of the photos' size."""
+    masks = masks if masks.ndim == 3 else masks.reshape(-1, *masks.shape[-2:])
+    if masks.shape[-2:] != images.shape[1:3]:
+        raise ValueError(f"mask size {tuple(masks.shape[-2:])} differs from image size {tuple(images.shape[1:3])}")
+    if masks.shape[0] not in (1, images.shape[0]):
+        raise ValueError(f"got {masks.shape[0]} masks for {images.shape[0]} images (give one, or one per image)")
+    return masks.expand(images.shape[0], -1, -1)[..., None].float()
 
 
 def covariance_captions_for(captions_name: str, count: int) -> list[str]:
@@ -83,6 +114,58 @@ def inverse_covariance(host: ComfyTrainingHost, captions: list[str]):
     return ridge_inverse(cached_covariance(cache, key, compute, log=log.warning)).float()
 
 
+def resume_files() -> list[str]:
+    """The resume combo: ``""`` (train from the start, the default) and every file in the perfusion folders."""
+    return ["", *folder_paths.get_filename_list(FOLDER)]
+
+
+def resume_source(name: str):
+    """``(concept, training state or None)`` of the resume combo value ``name``, read before any work; None for
+    ``""``. Refuses a name the combo does not list."""
+    if not name:
+        return None
+    path = folder_paths.get_full_path(FOLDER, name) if name in folder_paths.get_filename_list(FOLDER) else None
+    if path is None:
+        raise ValueError(f"'{name}' is not in models/perfusion: pick a concept or checkpoint file from the list "
+                         "(empty: train from the start)")
+    concept, state = load_training_state(path)
+    if state is None and os.path.splitext(name)[0].endswith(CHECKPOINT):
+        raise ConceptError(f"'{name}' is a checkpoint of an earlier comfyui-perfusion, without the training state "
+                           "resuming needs: resume from a finished concept, or train from the start")
+    return concept, state
+
+
+def resume(trainer: Trainer, name: str, source) -> None:
+    """Continue ``trainer`` from the file ``name`` (read by :func:`resume_source`): exactly from a checkpoint's
+    training state, or from a finished concept's step count (its ``info.steps``) with a fresh optimizer."""
+    concept, state = source
+    try:
+        done = int(concept.info.get("steps", ""))
+    except ValueError:
+        done = None
+    try:
+        trainer.resume(concept, state, done)
+    except ConceptError as err:
+        raise ConceptError(f"cannot resume from '{name}': {err}") from None
+    how = "optimizer state and loss curve restored" if state else "a finished concept: the optimizer starts afresh"
+    log.info("[perfusion] resuming from %s at step %d of %d (%s)", name, trainer.done, trainer.settings.steps, how)
+
+
+def one(name: str, value):
+    """The one value of an input that ComfyUI passed as a list (INPUT_IS_LIST); a plain value (a direct call) as is."""
+    if not isinstance(value, list):
+        return value
+    if len(value) != 1:
+        raise ValueError(f"input '{name}' got {len(value)} values: Train makes one concept per run, so only its "
+                         "images and masks may be lists")
+    return value[0]
+
+
+def batches(value) -> list[torch.Tensor]:
+    """The batches of an IMAGE or MASK input passed as a list (INPUT_IS_LIST), or of one tensor (a direct call)."""
+    return [batch for batch in (value if isinstance(value, list) else [value]) if batch is not None]
+
+
 class PerfusionTrainConcept:
     DESCRIPTION = (
         "Trains a Perfusion concept from a few photos on this checkpoint: the trigger word's embedding and the "
@@ -96,6 +179,9 @@ class PerfusionTrainConcept:
                        "A chart of the training loss per step.")
     OUTPUT_NODE = True
     FUNCTION = "train"
+    # photos may come as a list of batches of any sizes (ComfyUI's list outputs, e.g. a folder loader); with this
+    # flag every input arrives as a list, and all but images and masks must hold one value
+    INPUT_IS_LIST = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -104,13 +190,15 @@ class PerfusionTrainConcept:
                 "model": ("MODEL", {"tooltip": "The SD1.x checkpoint to train on (its UNet stays frozen)."}),
                 "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (frozen; clip skip is recorded in the concept)."}),
                 "vae": ("VAE", {"tooltip": "Encodes the photos to latents once, before training."}),
-                "images": ("IMAGE", {"tooltip": "1 or more photos of the concept (centre-cropped to a square)."}),
+                "images": ("IMAGE", {"tooltip": "1 or more photos of the concept: a batch, or a list of any sizes "
+                                     "(each centre-cropped to a square)."}),
                 "trigger_word": ("STRING", {"default": "hugsy", "tooltip":
                                  "A new, rare word that will mean your concept in prompts (one word)."}),
                 "superclass": ("STRING", {"default": "teddy", "tooltip":
                                "What it is, in one common word ('cat', 'teddy', 'mug'); keys are locked to it."}),
-                "steps": ("INT", {"default": 400, "min": 1, "max": 10000, "tooltip":
-                          "Optimizer steps (paper: about 210 on average, 400 at most)."}),
+                "steps": ("INT", {"default": 400, "min": 1, "max": MAX_STEPS, "tooltip":
+                          "Optimizer steps in all (paper: about 210 on average, 400 at most); a resumed run trains "
+                          "until this many."}),
                 "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per forward pass."}),
                 "grad_accum": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip":
                                "Forward passes per step; effective batch = batch_size × grad_accum (paper: 16)."}),
@@ -125,13 +213,15 @@ class PerfusionTrainConcept:
                 "flip": ("BOOLEAN", {"default": True, "tooltip":
                          "Mirror images half of the time; turn off for asymmetric objects (text, logos)."}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64,
-                               "tooltip": "Training resolution in pixels (SD1.5: 512)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of prompts, noise, timesteps."}),
+                               "tooltip": "Training resolution in pixels (SD1.5: 512); previews render at it too."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
+                         "Seed of prompts, noise, timesteps, and of the previews' noise."}),
                 "save_name": ("STRING", {"default": "hugsy", "tooltip":
                               "File name in models/perfusion (no folders). An earlier file is replaced only when "
                               "training finishes."}),
-                "checkpoint_every": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip":
-                                     "Also save <save_name>-checkpoint every N steps (0: off); kept on interrupt."}),
+                "checkpoint_every": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS, "tooltip":
+                                     "Also save <save_name>-checkpoint every N steps (0: off); kept on interrupt, "
+                                     "and resume_from continues it exactly."}),
             },
             "optional": {
                 "masks": ("MASK", {"tooltip": "Optional soft masks of the concept (one, or one per image); the "
@@ -146,32 +236,55 @@ class PerfusionTrainConcept:
                 "captions_file": (caption_files(), {"default": "", "tooltip":
                                   "Captions for C: a .txt file (one caption per line) from models/perfusion/captions; "
                                   "empty: the built-in corpus."}),
+                "preview_every": ("INT", {"default": 50, "min": 0, "max": MAX_STEPS, "tooltip":
+                                  "Render the preview prompts with the concept so far every N steps and at the end "
+                                  "(0: off): shown on the node; the last ones are saved as <save_name>.png."}),
+                "preview_prompts": ("STRING", {"default": DEFAULT_PROMPTS, "multiline": True, "tooltip":
+                                    f"One prompt per line (at most {MAX_PROMPTS}); {PLACEHOLDER} stands for the "
+                                    "trigger word. Rendered at the training resolution, with the seed's noise."}),
+                "resume_from": (resume_files(), {"default": "", "tooltip":
+                                "Continue training a concept of the same trigger word and superclass: a "
+                                "<name>-checkpoint file exactly where it stopped (optimizer state, steps, loss "
+                                "curve), a finished concept with a fresh optimizer. Empty: from the start."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def train(self, model, clip, vae, images, trigger_word, superclass, steps, batch_size, grad_accum, lr_values,
-              lr_embedding, train_beta, train_tau, flip, resolution, seed, save_name, checkpoint_every,
-              masks=None, gradient_checkpointing=False, trained_k=False, covariance_captions=20000,
-              captions_file="", unique_id=None):
+    def train(self, images, masks=None, **inputs):
+        """ComfyUI's entry point (INPUT_IS_LIST): every input comes as a list; see :meth:`run` for the rest."""
+        settings = {name: one(name, value) for name, value in inputs.items()}
+        return self.run(batches(images), None if masks is None else batches(masks), **settings)
+
+    def run(self, images, masks, model, clip, vae, trigger_word, superclass, steps, batch_size, grad_accum, lr_values,
+            lr_embedding, train_beta, train_tau, flip, resolution, seed, save_name, checkpoint_every,
+            gradient_checkpointing=False, trained_k=False, covariance_captions=20000, captions_file="",
+            preview_every=50, preview_prompts=DEFAULT_PROMPTS, resume_from="", unique_id=None):
+        """Train on the list of photo batches ``images`` (and ``masks``, see :func:`prepare_data`)."""
         trigger = check_trigger(trigger_word)
         if not superclass.strip():
             raise ValueError("the superclass word is empty: say what the concept is ('cat', 'teddy', ...)")
-        # every file this run may write must fit the folder's file system: checked now, not after training
+        # every file this run may write must fit the folder's file system: checked now, not after training (the
+        # preview image's name, <stem>.png, is shorter than the concept's)
         variants = ("", CHECKPOINT) if checkpoint_every else ("",)
         file_name = safe_file_name(save_name, folder=save_dir(), variants=variants)
         settings = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr_values=lr_values,
                                  lr_embedding=lr_embedding, train_beta=train_beta, train_tau=train_tau,
                                  trained_k=trained_k, seed=seed).check()
+        prompts = parse_prompts(preview_prompts, trigger) if preview_every else None
+        source = resume_source(resume_from)
         captions = covariance_captions_for(captions_file, covariance_captions)
         layer = clip_layer(clip)
-        latents, weights = prepare_data(vae, model, images, masks, resolution, flip)
+        latents, weights, used = prepare_data(vae, model, images, masks, resolution, flip, seed)
+        log.info("[perfusion] %s", used)
         with torch.inference_mode(False):
             host = ComfyTrainingHost(model, clip, layer, gradient_checkpointing)
             inverse = inverse_covariance(host, captions).to(host.device)
+            photos = sum(batch.shape[0] for batch in images)
             fields = {"encoder_fingerprint": host.encoder_fingerprint(), "clip_layer": layer,
-                      "info": {"steps": str(steps), "images": str(images.shape[0]), "resolution": str(resolution)}}
+                      "info": {"steps": str(steps), "images": str(photos), "resolution": str(resolution)}}
             trainer = Trainer(host, trigger, superclass.strip(), inverse, settings, fields)
+            if source is not None:
+                resume(trainer, resume_from, source)
             latents = latents.detach().clone().to(host.device)
             weights = None if weights is None else weights.detach().clone().to(host.device)
 
@@ -179,39 +292,58 @@ class PerfusionTrainConcept:
                 index = [rng.randrange(latents.shape[0]) for _ in range(n)]
                 return Sample(latents[index], None if weights is None else weights[index], prompts_for(trigger, rng, n))
 
-            progress = TrainingProgress(steps, unique_id, checkpoint_every, trainer, file_name)
+            previews = None if prompts is None else Previews(host, vae, trigger, prompts, latents.shape[1:], seed)
+            progress = TrainingProgress(trainer, unique_id, checkpoint_every, file_name, previews, preview_every)
             result = run(trainer, draw, on_step=progress)
         path = save_concept(result.concept, os.path.join(save_dir(), file_name))
         progress.finish()
         log.info("[perfusion] saved %s (%.1f KB)", path, path.stat().st_size / 1024)
-        return {"ui": {"text": [f"saved {path.name}"]}, "result": (result.concept, loss_chart(result.losses))}
+        return {"ui": {"text": [f"saved {path.name}"]},
+                "result": (result.concept, loss_chart(result.losses, trainer.first_logged))}
 
 
 class TrainingProgress:
-    """Per-step callback: progress bar (and ComfyUI's interrupt), live loss to the front end, checkpoints."""
+    """Per-step callback: progress bar (and ComfyUI's interrupt), live loss and preview renders to the front end,
+    checkpoints with the training state. :meth:`finish` after the concept is saved."""
 
-    def __init__(self, steps, node_id, every, trainer, file_name):
-        self.bar = comfy.utils.ProgressBar(steps)
-        self.steps, self.node_id, self.every, self.trainer = steps, node_id, every, trainer
-        self.losses: list[float] = []
-        self.preview_every = max(1, steps // 25)
-        stem = file_name[: -len(".safetensors")]
-        self.checkpoint = os.path.join(save_dir(), f"{stem}{CHECKPOINT}.safetensors") if every else None
+    def __init__(self, trainer: Trainer, node_id, every: int, file_name: str, previews: Previews | None,
+                 preview_every: int):
+        self.trainer, self.node_id, self.every, self.previews, self.preview_every = (
+            trainer, node_id, every, previews, preview_every)
+        self.steps, self.start = trainer.settings.steps, trainer.done
+        self.bar = comfy.utils.ProgressBar(self.steps)
+        self.bar.update_absolute(self.start, self.steps)
+        self.chart_every = max(1, self.steps // 25)
+        stem = os.path.join(save_dir(), file_name[: -len(".safetensors")])
+        self.checkpoint = f"{stem}{CHECKPOINT}.safetensors" if every else None
+        self.image = f"{stem}.png"
 
     def __call__(self, step: int, loss: float) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        self.losses.append(loss)
+        trainer = self.trainer
+        message = {"node": self.node_id, "step": step, "steps": self.steps, "loss": loss}
+        if step == self.start + 1:  # a run's first step: the losses before it (a resumed run) and where they start
+            message |= {"earlier": trainer.losses[:-1], "first": trainer.first_logged}
+        send("perfusion.train", message)
+        rendered = self.previews is not None and (step % self.preview_every == 0 or step == self.steps)
+        if rendered:
+            renders = self.previews.render(trainer)
+            send("perfusion.preview", {"node": self.node_id, "step": step, "images": data_urls(renders)})
         preview = None
-        if step % self.preview_every == 0 or step == self.steps:  # the loss chart as the node's live preview
-            preview = ("JPEG", loss_chart_image(self.losses), 512)
+        if rendered or step % self.chart_every == 0 or step == self.steps:  # the node's live preview
+            renders = self.previews.images if self.previews is not None else []
+            preview = ("JPEG", live_preview(trainer.losses, trainer.first_logged, renders), 512)
         self.bar.update_absolute(step, self.steps, preview)
-        send("perfusion.train", {"node": self.node_id, "step": step, "steps": self.steps, "loss": loss})
         if self.checkpoint and step % self.every == 0:
-            save_concept(self.trainer.concept(), self.checkpoint)
+            save_concept(trainer.concept(), self.checkpoint, torch.float32, trainer.state())
 
     def finish(self) -> None:
+        """Once the concept is saved: the last renders as its preview image, and no checkpoint (the file supersedes
+        it)."""
+        if self.previews is not None and self.previews.images:
+            atomic_write_bytes(self.image, png_bytes(side_by_side(self.previews.images)))
         if self.checkpoint and os.path.exists(self.checkpoint):
-            os.remove(self.checkpoint)  # the final file supersedes it
+            os.remove(self.checkpoint)
 
 
 def send(event: str, data: dict) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .envelope import MAX_LAYERS, MAX_VECTORS, MAX_WIDTH
+from .envelope import MAX_LAYERS, MAX_STEPS, MAX_VECTORS, MAX_WIDTH
 
 # Text encoders the format knows, by the width of the encodings they feed cross-attention.
 TEXT_ENCODERS = {"clip-l": 768, "open-clip-h": 1024, "clip-g": 1280}
@@ -64,6 +64,11 @@ class Concept:
     @property
     def trained_keys(self) -> bool:
         return self.key_outputs is not None
+
+    @property
+    def learned(self) -> dict[str, Tensor]:
+        """What training learns, by the names concept files give those tensors (see :func:`learned_tensors`)."""
+        return learned_tensors(self.embedding, self.value_outputs, self.key_outputs)
 
     def recommended(self, lock: str) -> tuple[float, float]:
         """Recommended inference ``(β, τ)`` for ``lock`` 'local' or 'global' (paper Sec. 4.4: τ 0.15,
@@ -142,6 +147,51 @@ class Concept:
                     f"layer '{layer}' is {layer_widths[layer]} wide in this model but {tensor.shape[0]} in concept "
                     f"'{self.trigger}': it was trained for another model family ({self.model_family})"
                 )
+
+
+def learned_tensors(embedding: Tensor, value_outputs: dict[str, Tensor],
+                    key_outputs: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """``{"embedding", "o_v.<layer>"…, "o_k.<layer>"…}``: the learned tensors of a concept (Sec. 4.4; ``o_k`` only for
+    trained K) under their file names, which also name their optimizer state in a :class:`TrainingState`."""
+    return {"embedding": embedding, **{f"o_v.{layer}": t for layer, t in value_outputs.items()},
+            **{f"o_k.{layer}": t for layer, t in (key_outputs or {}).items()}}
+
+
+@dataclass
+class TrainingState:
+    """What resuming a training run needs beyond its concept: the optimizer steps taken (``step``), the loss of each
+    step since the optimizer started (``losses``: all of them, unless the run itself was resumed from a finished
+    concept, which starts a fresh optimizer; so Adam has taken ``len(losses)`` steps), and Adam's moments of every
+    learned tensor (``moments[name]`` stacks the first and second moment, shape ``(2, *shape)``).
+
+    ``i`` is part of the concept itself; the random streams of a step depend only on the seed and the step number
+    (``perfusion_ops.training``), so a resumed run needs no generator state to continue exactly."""
+
+    step: int
+    losses: Tensor  # (n,), 1 ≤ n ≤ step: the losses of steps step - n + 1 .. step
+    moments: dict[str, Tensor]  # learned tensor name -> (2, *shape): exp_avg, exp_avg_sq
+
+    def validate(self, concept: Concept) -> "TrainingState":
+        """Raise :class:`ConceptError` unless this state fits ``concept`` and the envelope (``envelope.py``)."""
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or not 1 <= self.step <= MAX_STEPS:
+            raise ConceptError(f"training state: {self.step!r} steps taken; a state records 1 to {MAX_STEPS}")
+        if not isinstance(self.losses, Tensor) or self.losses.ndim != 1 or not 1 <= len(self.losses) <= self.step:
+            raise ConceptError(f"training state: the loss history must hold the losses of 1 to {self.step} steps, got "
+                               f"shape {tuple(getattr(self.losses, 'shape', ()))}")
+        if not bool(torch.isfinite(self.losses).all()):
+            raise ConceptError("training state: the loss history contains NaN or infinite values")
+        learned = concept.learned
+        if set(self.moments) != set(learned):
+            odd = sorted(set(self.moments) ^ set(learned))[0]
+            raise ConceptError(f"training state: optimizer moments must cover exactly the {len(learned)} learned "
+                               f"tensors; '{odd}' is {'missing' if odd in learned else 'not one of them'}")
+        for name, moments in self.moments.items():
+            if not isinstance(moments, Tensor) or tuple(moments.shape) != (2, *learned[name].shape):
+                raise ConceptError(f"training state: the moments of '{name}' must have shape "
+                                   f"{(2, *learned[name].shape)}, got {tuple(getattr(moments, 'shape', ()))}")
+            if not bool(torch.isfinite(moments).all()) or bool((moments[1] < 0).any()):
+                raise ConceptError(f"training state: the moments of '{name}' are not finite, or the second is negative")
+        return self
 
 
 def check_gate(beta: float, tau: float, what: str = "gate") -> None:

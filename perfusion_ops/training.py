@@ -5,9 +5,14 @@ cross-attention layer (init ``W_V e_sup``, lr 0.03). Frozen: UNet, text encoder,
 ``o_K = W_K e_sup``. The target input ``i`` follows an EMA of the trigger's encodings, from ``e_sup``. The forward
 pass uses the very gated edit inference uses (Eq. 3), so training and inference match (the paper's fix of ROME's
 train/test mismatch). A host (ComfyUI nodes, the tiny test world) supplies a :class:`TrainingHost`.
+
+Step ``n`` draws its batches, noise and timesteps from random streams seeded by ``(seed, n)`` alone, so a run resumed
+from its :class:`TrainingState` (:meth:`Trainer.resume`) draws exactly what one uninterrupted run draws.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol
@@ -15,8 +20,9 @@ from typing import Callable, ContextManager, Protocol
 import torch
 from torch import Tensor
 
-from .concept import Concept, check_gate
+from .concept import Concept, ConceptError, TrainingState, check_gate, learned_tensors
 from .edit import AppliedConcept, JointEdit
+from .envelope import MAX_STEPS
 from .projection import Projection
 
 # Neutral training prompts (paper App. G); "{}" is the trigger word.
@@ -69,6 +75,8 @@ class TrainSettings:
         for name in ("steps", "batch_size", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
         for name in ("lr_values", "lr_embedding"):
             if not 0 < getattr(self, name) < 10:
                 raise ValueError(f"{name} must be in (0, 10), got {getattr(self, name)}")
@@ -92,6 +100,11 @@ class ConceptParameters(torch.nn.Module):
         self.register_buffer("target_input", superclass_encoding.detach().float().clone())
         self.register_buffer("superclass_encoding", superclass_encoding.detach().float().clone())
         self.register_buffer("inverse_covariance", inverse_covariance.detach().float())
+
+    def learned(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable tensors under their concept-file names (``embedding``, ``o_v.<layer>``, ``o_k.<layer>``)."""
+        keys = None if self.keys is None else dict(zip(self.layers, self.keys))
+        return learned_tensors(self.embedding, dict(zip(self.layers, self.values)), keys)
 
     @torch.no_grad()
     def track(self, encodings: Tensor, decay: float) -> None:
@@ -164,8 +177,66 @@ class Trainer:
                   {"params": [*self.params.values, *(self.params.keys or [])], "lr": settings.lr_values}]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.live: dict[tuple[str, str], Callable[[Tensor], Tensor]] = {}
-        self.rng = random.Random(settings.seed)
-        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.done = 0  # optimizer steps taken, resumed ones included
+        self.losses: list[float] = []  # the loss of each since the optimizer started (see TrainingState)
+
+    def streams(self, step: int) -> tuple[random.Random, torch.Generator]:
+        """The random streams of optimizer step ``step`` (data draws; noise and timesteps), seeded by the settings'
+        seed and ``step`` alone: a resumed run continues them exactly."""
+        key = hashlib.sha256(f"perfusion/{self.settings.seed}/{step}".encode()).digest()
+        return random.Random(key[:16]), torch.Generator().manual_seed(int.from_bytes(key[16:24], "little") >> 1)
+
+    def resume(self, concept: Concept, state: TrainingState | None = None, done: int | None = None) -> None:
+        """Continue from ``concept``: its learned tensors and ``i``. With its ``state`` (a checkpoint's), also the step
+        count, the loss history and Adam's moments, so the run goes on exactly as one run would have; without (a
+        finished concept), ``done`` steps count as taken and Adam starts afresh. A concept this run could not have
+        made (another trigger word, superclass, text width, CLIP layer, K mode or layer set) is refused."""
+        self._check_resumable(concept)
+        if state is not None:
+            done = state.validate(concept).step
+        if done is None or not 1 <= done < self.settings.steps:
+            raise ConceptError(f"it has {done} steps already: set steps above {done} to train on"
+                               if done else "it records no step count")
+        learned = self.params.learned()
+        with torch.no_grad():
+            for name, tensor in concept.learned.items():
+                learned[name].copy_(tensor)
+            self.params.target_input.copy_(concept.target_input)
+        self.done, self.losses = done, [] if state is None else state.losses.tolist()
+        if state is not None:  # by parameter index, in the order of the optimizer's groups; Adam took len(losses) steps
+            saved, order = self.optimizer.state_dict(), [p for g in self.optimizer.param_groups for p in g["params"]]
+            name_of = {id(p): name for name, p in learned.items()}
+            moments = {name: m.clone() for name, m in state.moments.items()}  # Adam updates its own (normal) tensors
+            saved["state"] = {k: {"step": torch.tensor(float(len(self.losses))), "exp_avg": moments[name_of[id(p)]][0],
+                                  "exp_avg_sq": moments[name_of[id(p)]][1]} for k, p in enumerate(order)}
+            self.optimizer.load_state_dict(saved)
+
+    def _check_resumable(self, concept: Concept) -> None:
+        words = lambda text: " ".join(text.split()).casefold()  # noqa: E731
+        k_mode = lambda trained: "trained K" if trained else "keys locked"  # noqa: E731
+        for what, theirs, mine in (
+                ("trigger word", concept.trigger.casefold(), self.trigger.casefold()),
+                ("superclass", words(concept.superclass), words(self.superclass)),
+                ("text width", concept.width, self.params.target_input.shape[0]),
+                ("CLIP layer", concept.clip_layer, self.fields.get("clip_layer", concept.clip_layer)),
+                ("K mode", k_mode(concept.trained_keys), k_mode(self.settings.trained_k))):
+            if theirs != mine:
+                raise ConceptError(f"its {what} is '{theirs}' where this run's is '{mine}'")
+        widths = {layer: t.shape[0] for layer, t in concept.value_outputs.items()}
+        if widths != dict(self.host.layers):
+            raise ConceptError(f"its {len(widths)} cross-attention layers are not this model's {len(self.host.layers)} "
+                               "(of other names or widths): it was trained on another model family")
+
+    def state(self) -> TrainingState:
+        """What :meth:`resume` needs to continue this run exactly (after at least one step)."""
+        moments = {name: torch.stack([self.optimizer.state[p]["exp_avg"], self.optimizer.state[p]["exp_avg_sq"]])
+                   for name, p in self.params.learned().items()}
+        return TrainingState(self.done, torch.tensor(self.losses, dtype=torch.float32), moments)
+
+    @property
+    def first_logged(self) -> int:
+        """The step of ``losses[0]``: 1, unless the run was resumed from a finished concept (its losses unknown)."""
+        return self.done - len(self.losses) + 1
 
     def forwards(self) -> Forwards:
         """Stable callables for ``host.install``; each step swaps in that step's edit behind them."""
@@ -183,28 +254,49 @@ class Trainer:
         context, encodings = self.host.encode(sample.prompts, self.trigger, self.params.embedding)
         if track:
             self.params.track(encodings, self.settings.ema_decay)
-        lock = "trained-k" if self.settings.trained_k else "local"
         concept = self.params.concept(self.trigger, self.superclass, self.settings)
-        edit = JointEdit([AppliedConcept(concept, self.settings.train_beta, self.settings.train_tau, lock)])
-        self.live = {(l, p): edit.projection(l, p, self.host.project(l, p)) for l in self.host.layers for p in "kv"}
+        edit = self._route(concept, self.settings.train_beta, self.settings.train_tau)
         edit.shared.prepare(context)  # e⊥ and gates once, outside any checkpointed UNet region
         noisy = add_noise(sample.latents, noise, timesteps, self.host.alphas_cumprod)
         prediction = self.host.predict_noise(noisy, timesteps, context)
         return masked_noise_loss(prediction, noise, sample.weights)
 
+    def _route(self, concept: Concept, beta: float, tau: float) -> JointEdit:
+        """Send the host's projections (through :meth:`forwards`) through ``concept``'s gated edit at ``(β, τ)``."""
+        lock = "trained-k" if self.settings.trained_k else "local"
+        edit = JointEdit([AppliedConcept(concept, beta, tau, lock)])
+        self.live = {(l, p): edit.projection(l, p, self.host.project(l, p)) for l in self.host.layers for p in "kv"}
+        return edit
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Within ``host.install(self.forwards())``: while open, the projections carry the concept as trained so far
+        the way inference applies it (its recommended local β/τ; the training gate is sharper), with no gradients,
+        for rendering previews. It yields that concept; training's edit comes back on exit."""
+        concept, training = self.concept(), self.live
+        self._route(concept, *concept.recommended("local"))
+        try:
+            with torch.no_grad():
+                yield concept
+        finally:
+            self.live = training
+
     def step(self, draw: Callable[[random.Random, int], Sample]) -> float:
         """One optimizer step over ``grad_accum`` micro-batches drawn by ``draw(rng, batch_size)``."""
         total = 0.0
+        rng, generator = self.streams(self.done + 1)
         for _ in range(self.settings.grad_accum):
-            sample = draw(self.rng, self.settings.batch_size)
-            noise = torch.randn(sample.latents.shape, generator=self.generator).to(sample.latents)
+            sample = draw(rng, self.settings.batch_size)
+            noise = torch.randn(sample.latents.shape, generator=generator).to(sample.latents)
             steps = len(self.host.alphas_cumprod)
-            timesteps = torch.randint(0, steps, (sample.latents.shape[0],), generator=self.generator)
+            timesteps = torch.randint(0, steps, (sample.latents.shape[0],), generator=generator)
             loss = self.loss(sample, noise, timesteps.to(sample.latents.device)) / self.settings.grad_accum
             loss.backward()
             total += float(loss.detach())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.done += 1
+        self.losses.append(total)
         return total
 
     def evaluate(self, sample: Sample, noise: Tensor, timesteps: Tensor) -> float:
@@ -220,11 +312,11 @@ def prompts_for(trigger: str, rng: random.Random, count: int, templates: tuple[s
 
 def run(trainer: Trainer, draw: Callable[[random.Random, int], Sample],
         on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train for ``settings.steps`` steps; ``on_step(step, loss)`` after each (may raise to stop early)."""
-    losses = []
+    """Train until ``settings.steps`` steps are taken (a resumed trainer starts where it left off); ``on_step(step,
+    loss)`` after each (may raise to stop early). The result's losses are the trainer's: resumed ones included."""
     with trainer.host.install(trainer.forwards()):
-        for step in range(1, trainer.settings.steps + 1):
-            losses.append(trainer.step(draw))
+        while trainer.done < trainer.settings.steps:
+            loss = trainer.step(draw)
             if on_step:
-                on_step(step, losses[-1])
-    return TrainResult(trainer.concept(), losses)
+                on_step(trainer.done, loss)
+    return TrainResult(trainer.concept(), list(trainer.losses))

@@ -34,12 +34,13 @@ def sampling_graph(ckpt: str, positive: str, concepts=(), negative: str = "blurr
 
 def train_graph(ckpt: str, image: str, trigger: str, superclass: str, save_name: str, steps: int = 2,
                 mask: bool = False, **settings) -> dict:
-    """Checkpoint + LoadImage → Perfusion Train Concept (tiny settings for CPU); the trainer is node "train"."""
+    """Checkpoint + LoadImage → Perfusion Train Concept (tiny settings for CPU, previews off unless ``settings`` turn
+    them on); the trainer is node "train"."""
     inputs = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "images": ["image", 0],
               "trigger_word": trigger, "superclass": superclass, "steps": steps, "batch_size": 1, "grad_accum": 1,
               "lr_values": 0.03, "lr_embedding": 0.006, "train_beta": 0.75, "train_tau": 0.1, "flip": True,
               "resolution": 64, "seed": 0, "save_name": save_name, "checkpoint_every": 0,
-              "covariance_captions": 16}
+              "covariance_captions": 16, "preview_every": 0}
     inputs.update(settings)
     g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
          "image": {"class_type": "LoadImage", "inputs": {"image": image}},

@@ -59,7 +59,7 @@ def test_training_lowers_the_fixed_loss_and_touches_only_what_it_learns(comfy, l
     training, host_mod = pack.perfusion_ops.training, pack.nodes.training_host
     unet_before, clip_before = state(model.model.diffusion_model), state(clip.cond_stage_model)
     with torch.inference_mode():
-        latents, _ = pack.nodes.train.prepare_data(vae, model, photos(), None, 64, flip=True)
+        latents, _, _ = pack.nodes.train.prepare_data(vae, model, [photos()], None, 64, flip=True, seed=0)
     with torch.inference_mode(False):
         host = host_mod.ComfyTrainingHost(model, clip)
         settings = training.TrainSettings(steps=6, batch_size=2, grad_accum=1, lr_values=0.05, lr_embedding=0.01)

@@ -10,7 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from factories import REPO, random_concept
 from perfusion_ops import ConceptError, export_embedding, load_concept, save_concept
-from perfusion_ops.concept_file import concept_to_bytes
+from perfusion_ops.concept import TrainingState
+from perfusion_ops.concept_file import concept_to_bytes, load_training_state
+from perfusion_ops.envelope import FORMAT_VERSION, MAX_FILE_BYTES, MAX_HEADER_BYTES, MAX_STEPS, MAX_TENSORS
 from perfusion_ops.files import safe_file_name
 
 
@@ -62,7 +64,7 @@ def corrupt(tmp_path, concept, edit):
         (lambda t, m: t.pop("q"), "missing fields: q"),
         (lambda t, m: m.pop("trigger"), "missing fields: trigger"),
         (lambda t, m: t["o_v.middle_block.1.transformer_blocks.0.attn2"].__setitem__(5, float("nan")), "NaN"),
-        (lambda t, m: m.update(format_version="2"), "newer comfyui-perfusion"),
+        (lambda t, m: m.update(format_version=str(FORMAT_VERSION + 1)), "newer comfyui-perfusion"),
         (lambda t, m: m.update(format="lora"), "not a Perfusion concept"),
         (lambda t, m: m.update(tau_local="0"), "τ = 0.0"),
         (lambda t, m: m.update(beta_local="nan"), "β = nan"),
@@ -92,7 +94,7 @@ def _many_layers(t, m, count):
         (lambda t, m: t.update(e_sup=t["e_sup"] > 0), "tensor 'e_sup' is BOOL"),
         (lambda t, m: t.update(q=t["q"].double()), "tensor 'q' is F64"),
         (lambda t, m: t.update(embedding=t["embedding"].to(torch.uint8)), "tensor 'embedding' is U8"),
-        (lambda t, m: m.update(format_version="0"), "format version 0: .*versions 1 to 1"),
+        (lambda t, m: m.update(format_version="0"), f"format version 0: .*versions 1 to {FORMAT_VERSION}"),
         (lambda t, m: m.update(format_version="-3"), "format version -3"),
         (lambda t, m: m.update(format_version="1.5"), "unreadable format version"),
         (lambda t, m: t.update(embedding=torch.zeros(10_000, 768, dtype=torch.float16)), "10000 embedding vectors"),
@@ -123,9 +125,9 @@ def test_header_and_tensor_count_are_bounded_before_parsing(tmp_path, monkeypatc
     entries = lambda count: {f"t{n}": {"dtype": "F16", "shape": [1], "data_offsets": [2 * n, 2 * n + 2]}
                              for n in range(count)}
     huge = json.dumps(entries(150_000)).encode()  # the 10.8 MB file that held the server for seconds
-    many = json.dumps(entries(600)).encode()
+    many = json.dumps(entries(MAX_TENSORS + 1)).encode()
     (tmp_path / "huge.safetensors").write_bytes(safetensors_bytes(huge, bytes(300_000)))
-    (tmp_path / "many.safetensors").write_bytes(safetensors_bytes(many, bytes(1200)))
+    (tmp_path / "many.safetensors").write_bytes(safetensors_bytes(many, bytes(2 * MAX_TENSORS + 2)))
     parsed, parse_header = [], json.loads
     monkeypatch.setattr(concept_file, "st_load", lambda data: parsed.append("tensors"))
     monkeypatch.setattr(json, "loads", lambda *a, **k: parsed.append("header") or parse_header(*a, **k))
@@ -133,7 +135,8 @@ def test_header_and_tensor_count_are_bounded_before_parsing(tmp_path, monkeypatc
                                            r"most 128 KB"):
         load_concept(tmp_path / "huge.safetensors")
     assert parsed == []
-    with pytest.raises(ConceptError, match="'many.safetensors' holds 600 tensors: a Perfusion concept holds at most 260"):
+    with pytest.raises(ConceptError, match=f"'many.safetensors' holds {MAX_TENSORS + 1} tensors: a Perfusion concept "
+                                           f"holds at most {MAX_TENSORS}"):
         load_concept(tmp_path / "many.safetensors")
     assert parsed == ["header"]
 
@@ -147,6 +150,90 @@ def test_the_largest_concept_of_the_envelope_loads(tmp_path):
     concept.info = {"steps": "400", "images": "20", "resolution": "1024", "note": "x" * 200}
     back = load_concept(save_concept(concept, tmp_path / "largest.safetensors", dtype=torch.float32))
     assert back.layers == concept.layers and back.embedding.shape == (MAX_VECTORS, 768)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def random_state(concept, step=12, seed=0, history=None):
+    """A valid training state for ``concept``: ``history`` losses (default: all ``step``), random Adam moments."""
+    g = torch.Generator().manual_seed(seed)
+    moments = {name: torch.stack([torch.randn(t.shape, generator=g), torch.rand(t.shape, generator=g) * 1e-9])
+               for name, t in concept.learned.items()}
+    return TrainingState(step, torch.rand(history or step, generator=g), moments)
+
+
+def metadata_of(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+@pytest.mark.parametrize("trained_k", [False, True])
+def test_training_state_round_trip_is_exact_and_leaves_the_concept_readable(tmp_path, trained_k):
+    concept = random_concept(seed=4, trained_k=trained_k)
+    state = random_state(concept, history=9)
+    path = save_concept(concept, tmp_path / "hugsy-checkpoint.safetensors", dtype=torch.float32, state=state)
+    back, back_state = load_training_state(path)
+    assert back_state.step == 12 and torch.equal(back_state.losses, state.losses)
+    assert back_state.moments.keys() == concept.learned.keys() == back.learned.keys()
+    assert all(torch.equal(back_state.moments[n], state.moments[n]) for n in state.moments)  # 1e-9: float32 kept
+    assert all(torch.equal(back.learned[n], t) for n, t in concept.learned.items())
+    assert torch.equal(load_concept(path).embedding, concept.embedding)  # Load Concept reads a checkpoint as a concept
+    assert metadata_of(path)["format_version"] == "2"
+    plain = save_concept(concept, tmp_path / "hugsy.safetensors")
+    assert metadata_of(plain)["format_version"] == "1"  # no state: still readable by packs that read version 1
+    assert load_training_state(plain)[1] is None
+
+
+@pytest.fixture(scope="module")
+def checkpoint_data():
+    """A checkpoint's bytes (concept and training state, float32), built once for the cases below."""
+    concept = random_concept(seed=3)
+    return concept_to_bytes(concept, torch.float32, random_state(concept))
+
+
+def _drop_moment(t, m):
+    del t[next(k for k in t if k.startswith("state.adam.o_v."))]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t, m: m.update(format_version="1"), "a training state needs format version 2, the file says 1"),
+    (lambda t, m: m.update({"state.step": "0"}), "0 steps taken; a state records 1 to"),
+    (lambda t, m: m.update({"state.step": str(MAX_STEPS + 1)}), f"{MAX_STEPS + 1} steps taken"),
+    (lambda t, m: m.update({"state.step": "ten"}), "unreadable step count"),
+    (lambda t, m: m.pop("state.step"), "unreadable step count"),
+    (lambda t, m: m.update({"state.step": "5"}), r"losses of 1 to 5 steps, got shape \(12,\)"),
+    (lambda t, m: t.pop("state.losses"), r"losses of 1 to 12 steps, got shape \(0,\)"),
+    (lambda t, m: t["state.losses"].__setitem__(3, float("inf")), "loss history contains NaN"),
+    (_drop_moment, r"moments must cover exactly the 17 learned tensors; 'o_v\.[\w.]+' is missing"),
+    (lambda t, m: t.update({"state.adam.o_k.x": torch.zeros(2, 3)}), "'o_k.x' is not one of them"),
+    (lambda t, m: t.update({"state.adam.embedding": torch.zeros(2, 768)}),
+     r"moments of 'embedding' must have shape \(2, 1, 768\)"),
+    (lambda t, m: t["state.adam.embedding"].__setitem__((1, 0, 5), -1.0), "the second is negative"),
+    (lambda t, m: t.update({"state.rng": torch.zeros(3)}), "'state.rng' is not part of a training state"),
+])
+def test_training_states_outside_the_envelope_are_refused(tmp_path, checkpoint_data, edit, message):
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(checkpoint_data)
+    metadata, tensors = metadata_of(path), load_file(path)
+    edit(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+    for load in (load_concept, load_training_state):
+        with pytest.raises(ConceptError, match=message):
+            load(path)
+
+
+def test_the_largest_checkpoint_of_the_envelope_loads(tmp_path):
+    from perfusion_ops.envelope import MAX_LAYERS, MAX_VECTORS, MAX_WIDTH
+
+    layers = {f"output_blocks.{n}.1.transformer_blocks.{n % 10}.attn2": MAX_WIDTH for n in range(MAX_LAYERS)}
+    concept = random_concept(seed=2, layers=layers, trained_k=True)
+    concept.embedding = torch.randn(MAX_VECTORS, 768)
+    path = save_concept(concept, tmp_path / "largest.safetensors", torch.float32, random_state(concept, MAX_STEPS))
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    assert len(load_file(path)) == MAX_TENSORS and header <= MAX_HEADER_BYTES and path.stat().st_size <= MAX_FILE_BYTES
+    back, state = load_training_state(path)
+    assert back.layers == concept.layers and state.step == MAX_STEPS and len(state.moments) == 1 + 2 * MAX_LAYERS
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
