@@ -2,7 +2,10 @@
 // in the current one, with classic canvas nodes and with Vue nodes ("Nodes 2.0").
 //
 // * Perfusion Train Concept: a live loss chart and step counter while training runs, from the "perfusion.train"
-//   messages the node sends each step ({node, step, steps, loss}); a toast when training finishes or fails.
+//   messages the node sends each step ({node, step, steps, loss}; a run's first step adds {earlier, first}: the losses
+//   of a resumed run's earlier steps, and the step the first of them belongs to), and beside the chart the preview
+//   renders of the concept so far, from "perfusion.preview" messages ({node, step, images: JPEG data URLs}); a toast
+//   when training finishes or fails.
 // * Perfusion Load Concept and Perfusion Apply: the concept's trigger word, superclass and recommended β/τ, from
 //   GET /perfusion/concept_info?name=<file> (nodes/routes.py). Apply follows its concept link back to the Load
 //   Concept node (through reroutes), or shows the Train node's words. Its node menu offers
@@ -36,7 +39,11 @@ const STYLE = `
 .perfusion-line { line-height: ${LINE_H}px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .perfusion-info .perfusion-error { white-space: normal; display: -webkit-box; -webkit-box-orient: vertical;
   -webkit-line-clamp: 3; } /* an error is the only line: it may take all three */
-.perfusion-chart { flex: 1 1 0; min-height: 0; width: 100%; margin-top: 4px; border: 1px solid ${COLORS.frame}; }
+.perfusion-row { flex: 1 1 0; min-height: 0; display: flex; gap: 4px; margin-top: 4px; }
+.perfusion-chart { flex: 1 1 0; min-width: 0; height: 100%; border: 1px solid ${COLORS.frame}; }
+.perfusion-previews { display: flex; gap: 4px; max-width: 60%; }
+.perfusion-previews:empty { display: none; }
+.perfusion-previews img { height: 100%; aspect-ratio: 1; object-fit: cover; min-width: 0; border: 1px solid ${COLORS.frame}; }
 .perfusion-dim { color: ${COLORS.dim}; } .perfusion-mean { color: ${COLORS.mean}; }
 .perfusion-ok { color: ${COLORS.ok}; } .perfusion-warn { color: ${COLORS.warn}; } .perfusion-error { color: ${COLORS.error}; }
 .perfusion-toasts { position: fixed; right: 16px; bottom: 16px; z-index: 10000; display: flex; flex-direction: column;
@@ -114,8 +121,16 @@ function addPanel(node, height, kind) {
   element.style.minHeight = `${height}px`; // Vue nodes size the widget by its content
   const lines = document.createElement("div");
   element.append(lines);
-  const chart = kind === "train" ? element.appendChild(document.createElement("canvas")) : null;
-  chart?.classList.add("perfusion-chart");
+  let chart = null;
+  let previews = null;
+  if (kind === "train") { // the chart, and the preview renders beside it
+    const row = element.appendChild(document.createElement("div"));
+    row.className = "perfusion-row";
+    chart = row.appendChild(document.createElement("canvas"));
+    chart.className = "perfusion-chart";
+    previews = row.appendChild(document.createElement("div"));
+    previews.className = "perfusion-previews";
+  }
   const full = height + 2 * WIDGET_MARGIN; // the canvas renderers' layout takes the margins into the height
   const panel = node.addDOMWidget(PANEL, "perfusion-panel", element, {
     serialize: false,
@@ -127,7 +142,7 @@ function addPanel(node, height, kind) {
   });
   panel.serialize = false;
   node.perfusion ??= {};
-  node.perfusion.panel = { element, lines, chart, key: null };
+  node.perfusion.panel = { element, lines, chart, previews, key: null, shown: null };
   if (chart) observeChart(node, chart);
   const size = node.computeSize();
   node.setSize([Math.max(node.size[0], size[0]), Math.max(node.size[1], size[1])]);
@@ -168,7 +183,9 @@ function refreshPanels() {
 // ------------------------------------------------------------------------------------------- train node
 function trainState(node) {
   node.perfusion ??= {};
-  node.perfusion.train ??= { status: "idle", step: 0, steps: 0, losses: [], times: [], message: "" };
+  node.perfusion.train ??= {
+    status: "idle", step: 0, steps: 0, first: 1, losses: [], times: [], message: "", previews: [], previewStep: 0,
+  };
   return node.perfusion.train;
 }
 
@@ -213,7 +230,22 @@ function showTrain(node) {
   const label = trainLabel(t);
   setLines(node, [label]);
   drawChart(node);
-  t.drawn = { label: label[0], points: t.losses.length, color: COLORS.mean }; // for tests and other extensions
+  showPreviews(node);
+  t.drawn = { label: label[0], points: t.losses.length, color: COLORS.mean, previews: t.previews.length,
+              previewStep: t.previewStep }; // for tests and other extensions
+}
+
+function showPreviews(node) {
+  const panel = node.perfusion?.panel;
+  const t = node.perfusion?.train;
+  if (!panel?.previews || !t || panel.shown === t.previews) return;
+  panel.shown = t.previews;
+  panel.previews.replaceChildren(...t.previews.map((url, k) => {
+    const img = document.createElement("img");
+    img.src = url;
+    img.title = `preview ${k + 1} at step ${t.previewStep}`;
+    return img;
+  }));
 }
 
 function drawChart(node) {
@@ -242,8 +274,9 @@ function plotLosses(ctx, t, w, h) {
     lo -= 0.05 * Math.abs(lo || 1);
     hi += 0.05 * Math.abs(hi || 1);
   }
-  const span = Math.max(t.steps, t.losses.length) - 1 || 1;
-  const X = (k) => 4 + ((w - 8) * k) / span;
+  const offset = t.first - 1; // a run resumed from a finished concept knows only its own losses
+  const span = Math.max(t.steps, offset + t.losses.length) - 1 || 1;
+  const X = (k) => 4 + ((w - 8) * (offset + k)) / span;
   const Y = (v) => h - 6 - ((h - 12) * (v - lo)) / (hi - lo);
   const line = (values, color, width) => {
     ctx.strokeStyle = ctx.fillStyle = color;
@@ -370,13 +403,21 @@ function onTrainMessage({ detail }) {
   const node = trainNode(detail?.node);
   if (!node) return;
   const t = trainState(node);
-  if (t.status !== "running" || detail.step <= 1 || detail.step < t.step) {
-    Object.assign(t, { status: "running", losses: [], times: [], message: "" });
+  if (detail.earlier || t.status !== "running" || detail.step < t.step) { // a run's first step, or a new run
+    Object.assign(t, { status: "running", first: detail.first ?? 1, losses: (detail.earlier ?? []).map(Number),
+                       times: [], message: "", previews: [], previewStep: 0 });
   }
   t.step = detail.step;
   t.steps = detail.steps;
   t.losses.push(Number(detail.loss));
   t.times.push(performance.now());
+  showTrain(node);
+}
+
+function onPreview({ detail }) {
+  const node = trainNode(detail?.node);
+  if (!node || !Array.isArray(detail.images)) return;
+  Object.assign(trainState(node), { previews: detail.images, previewStep: detail.step });
   showTrain(node);
 }
 
@@ -421,6 +462,7 @@ app.registerExtension({
     style.textContent = STYLE;
     document.head.append(style);
     api.addEventListener("perfusion.train", onTrainMessage);
+    api.addEventListener("perfusion.preview", onPreview);
     api.addEventListener("executed", onExecuted);
     api.addEventListener("execution_error", onFailure("error"));
     api.addEventListener("execution_interrupted", onFailure("interrupted"));

@@ -47,8 +47,8 @@ def live_preview(losses: list[float], first: int = 1, renders: list[Image.Image]
     chart = loss_chart_image(losses, first)
     if not renders:
         return chart
-    row = side_by_side(renders, WIDTH // len(renders))  # square renders: the row is about as wide as the chart
+    row = side_by_side(renders, min(HEIGHT, WIDTH // len(renders)))  # square renders: at most the chart's width
     image = Image.new("RGB", (WIDTH, row.height + HEIGHT), "white")
-    image.paste(row, (0, 0))
+    image.paste(row, ((WIDTH - row.width) // 2, 0))
     image.paste(chart, (0, row.height))
     return image

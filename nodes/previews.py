@@ -12,6 +12,8 @@ import re
 import torch
 from PIL import Image
 
+import comfy.model_management
+
 from ..perfusion_ops.sampling import ddim_sample
 
 PLACEHOLDER = "<trigger>"
@@ -60,10 +62,15 @@ class Previews:
     def render(self, trainer) -> list[Image.Image]:
         """Render at ``trainer``'s current step (inside ``run``); also kept as ``images``."""
         host = self.host
+
+        def predict(noisy, timesteps, context):  # Cancel answered between sampler steps too
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            return host.predict_noise(noisy, timesteps, context)
+
         with trainer.applied():
             context, _ = host.encode(self.prompts, self.trigger, trainer.params.embedding)
-            latents = ddim_sample(host.predict_noise, host.alphas_cumprod, self.noise.to(host.device), context,
-                                  self.uncond, SAMPLER_STEPS, GUIDANCE)
+            latents = ddim_sample(predict, host.alphas_cumprod, self.noise.to(host.device), context, self.uncond,
+                                  SAMPLER_STEPS, GUIDANCE)
             # no_grad, not inference mode: the VAE works in place on its activations, which inference mode would make
             # inference tensors, and the training host's guard on in-place writes (2024 tree) refuses those
             pixels = self.vae.decode(host.model.model.process_latent_out(latents))

@@ -327,8 +327,15 @@ class TrainingProgress:
         send("perfusion.train", message)
         rendered = self.previews is not None and (step % self.preview_every == 0 or step == self.steps)
         if rendered:
-            renders = self.previews.render(trainer)
-            send("perfusion.preview", {"node": self.node_id, "step": step, "images": data_urls(renders)})
+            try:
+                renders = self.previews.render(trainer)
+            except torch.cuda.OutOfMemoryError:  # a preview must never cost the training
+                log.warning("[perfusion] out of memory rendering the previews at step %d: previews are off for the "
+                            "rest of this run (no %s); training goes on", step, os.path.basename(self.image))
+                self.previews, renders = None, []
+                comfy.model_management.soft_empty_cache()
+            else:
+                send("perfusion.preview", {"node": self.node_id, "step": step, "images": data_urls(renders)})
         preview = None
         if rendered or step % self.chart_every == 0 or step == self.steps:  # the node's live preview
             renders = self.previews.images if self.previews is not None else []

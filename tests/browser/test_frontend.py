@@ -5,8 +5,8 @@ Chromium (Debian's package, through playwright-core; set up by tools/setup_brows
 absent), once per renderer the tree's front end has: classic canvas nodes (2024 and current front ends) and Vue
 nodes ("Nodes 2.0", current front end only). Each run loads every workflow in example_workflows/ (no missing nodes;
 the prompt the UI would queue equals tools/workflow_api.py's conversion), queues train_concept.json with tiny
-settings through the Queue/Run button and checks the live loss chart, step counter and toast, queues a run the node
-refuses (error in the panel and a toast), then checks the trigger/superclass/β-τ labels on Load Concept and Apply,
+settings through the Queue/Run button and checks the live loss chart, step counter, preview render and toast, feeds
+the panel a resumed run's messages, queues a run the node refuses (error in the panel and a toast), then checks the trigger/superclass/β-τ labels on Load Concept and Apply,
 the recommended-β/τ menu item, and a corrupt file's error. Screenshots go to
 .cache/artifacts/browser/<tree>-<renderer>/.
 """
@@ -155,6 +155,7 @@ def test_ui_trains_with_live_chart_toast_and_labels_concepts(request, renderer, 
             ("PerfusionTrainConcept", "steps"): TRAIN_STEPS, ("PerfusionTrainConcept", "batch_size"): 1,
             ("PerfusionTrainConcept", "grad_accum"): 1, ("PerfusionTrainConcept", "resolution"): 64,
             ("PerfusionTrainConcept", "covariance_captions"): 16, ("PerfusionTrainConcept", "checkpoint_every"): 0,
+            ("PerfusionTrainConcept", "preview_prompts"): "a photo of a <trigger>",  # one render, at the last step
             ("PerfusionTrainConcept", "save_name"): trained}
     train = substitute(gallery["train_concept"], info, tiny)
     refused = substitute(train, info, {("PerfusionTrainConcept", "superclass"): ""})
@@ -208,6 +209,16 @@ def test_ui_trains_with_live_chart_toast_and_labels_concepts(request, renderer, 
         assert seen["status"] == "running" and seen["step"] < TRAIN_STEPS, seen
         assert seen["panel"]["visible"] and seen["panel"]["lines"][0]["text"].startswith(f"step {seen['step']}/")
     assert f"{TRAIN_STEPS} steps · saved {trained}.safetensors" in t["toast"], t["toast"]
+    # the preview render beside the chart (previews every 50 steps by default, and at the end), saved beside the file
+    assert (t["drawn"]["previews"], t["drawn"]["previewStep"], t["panel"]["previews"]) == (1, TRAIN_STEPS, 1), t
+    assert (ui_server.layout.folder("perfusion") / f"{trained}.png").is_file()
+
+    # a resumed run's curve: the checkpoint's losses first, then the new ones; from a finished concept, its own only
+    resumed = result["resumed"]
+    assert resumed["checkpoint"]["losses"] == [0.9, 0.7, 0.5, 0.4] and resumed["checkpoint"]["first"] == 1
+    assert resumed["checkpoint"]["points"] == 4 and resumed["checkpoint"]["chart_pixels"] > 20
+    assert resumed["checkpoint"]["label"].startswith("step 4/5 · loss 0.4000")
+    assert resumed["finished"]["losses"] == [0.3] and resumed["finished"]["first"] == 11
 
     # a refused run: the error in the panel and in an error toast
     refusal = "the superclass word is empty"

@@ -6,7 +6,7 @@
 // plan: {url, artifacts, renderer, timeout_ms, train_timeout_ms, gallery: {name: workflow},
 //        train: {workflow, node}, fail: {workflow, node}, labels: {workflow, load_node, apply_node, corrupt}}
 // result: {frontend, prompts: {name: graphToPrompt().output}, missing: {name: [types]},
-//          saved: {name: {node id: widgets_values of the Perfusion nodes}}, train, fail, labels,
+//          saved: {name: {node id: widgets_values of the Perfusion nodes}}, train, resumed, fail, labels,
 //          page_errors, console_errors: [{text, url}], screenshots, log}
 import { chromium } from "playwright-core";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -67,6 +67,8 @@ function installHelpers() {
       rect: r.toJSON(),
       lines: [...el.querySelectorAll(".perfusion-line")].map((l) => ({ text: l.textContent,
                                                                       color: getComputedStyle(l).color })),
+      previews: [...el.querySelectorAll(".perfusion-previews img")].filter((img) => img.complete &&
+        img.naturalWidth > 0 && img.getBoundingClientRect().width > 8).length, // shown preview renders
     };
   };
   window.__perfusion = {
@@ -244,6 +246,26 @@ async function train() {
   await shot("train-node", await nodeClip([id]));
 }
 
+async function resumedCurve() {
+  // a resumed run's messages (synthetic, the server's format): the curve goes on from the earlier losses, and from
+  // a finished concept (no earlier losses) it starts at its own first step
+  const { node: id } = plan.train;
+  result.resumed = await inPage(async (nodeId) => {
+    const { api } = await import("/scripts/api.js");
+    const send = (detail) => api.dispatchEvent(new CustomEvent("perfusion.train", { detail: { node: nodeId, ...detail } }));
+    const read = () => {
+      const t = window.__perfusion.node(nodeId).perfusion.train;
+      return { first: t.first, losses: [...t.losses], points: t.drawn.points, label: t.drawn.label,
+               chart_pixels: window.__perfusion.chartPixels(nodeId) };
+    };
+    send({ step: 3, steps: 5, loss: 0.5, earlier: [0.9, 0.7], first: 1 });
+    send({ step: 4, steps: 5, loss: 0.4 });
+    const checkpoint = read();
+    send({ step: 11, steps: 12, loss: 0.3, earlier: [], first: 11 });
+    return { checkpoint, finished: read() };
+  }, id);
+}
+
 async function trainFails() {
   // a run the node refuses (no superclass): the panel shows the error, an error toast says so
   const { workflow, node: id } = plan.fail;
@@ -301,6 +323,7 @@ try {
   await loadGallery();
   save();
   await train();
+  await resumedCurve();
   save();
   await trainFails();
   save();

@@ -82,6 +82,27 @@ def test_a_run_with_previews_trains_the_same_concept_as_one_without(comfy, small
     assert torch.equal(concepts[0].target_input, concepts[1].target_input)
 
 
+def test_a_preview_out_of_memory_turns_previews_off_and_training_goes_on(comfy, small_checkpoint, photo_name,
+                                                                       recorded, monkeypatch):
+    previews = comfy.pack.nodes.previews.Previews
+    render = previews.render
+
+    def out_of_memory_at_step_2(self, trainer):
+        if trainer.done == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return render(self, trainer)
+
+    monkeypatch.setattr(previews, "render", out_of_memory_at_step_2)
+    graph = train_graph(small_checkpoint.name, photo_name, "oomy", "cat", "oomy", steps=3, preview_every=1,
+                        preview_prompts=PROMPTS)
+    with comfy.capture_logs() as logs:
+        comfy.run(graph, fresh=True)
+    assert any("out of memory rendering the previews at step 2" in line for line in logs), logs
+    assert [data["step"] for event, data in recorded[0] if event == "perfusion.preview"] == [1]
+    folder = comfy.layout.folder("perfusion")
+    assert (folder / "oomy.safetensors").is_file() and not (folder / "oomy.png").exists()
+
+
 @pytest.mark.parametrize("prompts,message", [
     ("a photo of a cat", "does not name the concept: write <trigger>"),
     ("", "preview_prompts is empty"),
