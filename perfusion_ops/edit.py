@@ -39,10 +39,6 @@ class AppliedConcept:
         if not (0.0 <= self.start_at <= self.end_at <= 1.0):  # also refuses NaN
             raise ConceptError(f"concept '{self.concept.trigger}': start_at {self.start_at} and end_at "
                                f"{self.end_at} must satisfy 0 ≤ start_at ≤ end_at ≤ 1")
-
-    @property
-    def whole_schedule(self) -> bool:
-        return self.start_at == 0.0 and self.end_at == 1.0
         if self.lock not in LOCKS:
             raise ConceptError(f"unknown lock mode '{self.lock}' (choose {' or '.join(LOCKS)})")
         if self.lock == "trained-k" and not self.concept.trained_keys:
@@ -50,6 +46,10 @@ class AppliedConcept:
                 f"concept '{self.concept.trigger}' was trained key-locked and has no trained K outputs; "
                 "use lock mode 'local'"
             )
+
+    @property
+    def whole_schedule(self) -> bool:
+        return self.start_at == 0.0 and self.end_at == 1.0
 
 
 class JointEdit:

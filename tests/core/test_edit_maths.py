@@ -294,3 +294,13 @@ def test_schedule_ranges_outside_zero_to_one_are_refused(start, end):
     concept = random_concept(layers={"a": 8})
     with pytest.raises(ValueError, match="start_at .* end_at"):
         AppliedConcept(concept, 0.7, 0.15, start_at=start, end_at=end)
+
+
+@pytest.mark.parametrize("lock, trained, message", [
+    ("sideways", False, "unknown lock mode 'sideways'"),
+    ("trained-k", False, "was trained key-locked and has no trained K outputs; use lock mode 'local'"),
+])
+def test_lock_modes_a_concept_cannot_take_are_refused(lock, trained, message):
+    concept = random_concept(layers={"a": 8}, trained_k=trained)
+    with pytest.raises(ValueError, match=message):
+        AppliedConcept(concept, 0.7, 0.15, lock=lock)
