@@ -44,6 +44,7 @@ from bench.tinyworld.train_world import WorldSettings, build_world, load_world, 
 from bench.tinyworld.variants import LeakAwareTrainer, LeakMetric  # noqa: E402
 from perfusion_ops.covariance import ridge_inverse  # noqa: E402
 from perfusion_ops.edit import AppliedConcept, JointEdit  # noqa: E402
+from perfusion_ops.gate_choice import choose_gate  # noqa: E402
 from perfusion_ops.stack import gate, similarity  # noqa: E402
 from perfusion_ops.training import TEMPLATES, TrainSettings, run  # noqa: E402
 
@@ -65,6 +66,9 @@ ALIGNMENT = [  # (prompt template, checks); an image scores the fraction of its 
 LAYOUTS = {"left/right": (("on the left", "on the right"), ("left", "right")),
            "top/bottom": (("at the top", "at the bottom"), ("top", "bottom"))}
 NAMED = ("yellow triangle", "blue diamond")  # ordinary objects beside a concept, their colour named
+
+
+AUTOMATIC = "key-locked, automatic β"  # the gate Train Concept recommends (issue 12)
 
 
 def trigger_prompts(trigger: str, count: int, seed: int) -> list[str]:
@@ -266,6 +270,7 @@ class Bench:
             self.log(f"[tinyworld] run {r}: trained {trigger} ({name}): loss {np.mean(losses[:10]):.4f} → "
                      f"{np.mean(losses[-10:]):.4f} in {time.time() - c0:.0f}s")
         ti, _ = train_embedding_only(host, "sks", "square", data["sks"], a.concept_steps, a.concept_batch, a.ti_lr, seed)
+        gates = {t: self.choose_gate(host, trained[("locked", t)], seed, r) for t in CONCEPTS}
         train_s = time.time() - t0
 
         t = time.time()
@@ -289,6 +294,9 @@ class Bench:
         for beta in a.betas:
             point("key-locked", beta, "base", ev(host, "sks", applied=[AppliedConcept(locked, beta, a.tau, "local")]))
             point("trained-K", beta, "base", ev(host, "sks", applied=[AppliedConcept(trained_k, beta, a.tau, "trained-k")]))
+        auto = gates["sks"]
+        point(AUTOMATIC, None, "base",
+              ev(host, "sks", applied=[AppliedConcept(locked, auto.beta_local, auto.tau_local, "local")]))
         point("key-locked 1-shot", a.beta, "base",
               ev(host, "sks", applied=[AppliedConcept(trained[("1-shot", "sks")], a.beta, a.tau, "local")]))
         point("superclass only", None, "finetuned", ev(tuned, "square"))
@@ -300,6 +308,8 @@ class Bench:
         t = time.time()
         pair = [AppliedConcept(locked, a.beta, a.tau), AppliedConcept(trained[("locked", "zwx")], a.beta, a.tau)]
         compositions = {"paper": self.composition(host, pair, refs, eval_seed, r, "paper", grids)}
+        automatic = [AppliedConcept(trained[("locked", t)], g.beta_local, g.tau_local) for t, g in gates.items()]
+        compositions["automatic β"] = self.composition(host, automatic, refs, eval_seed, r, "automatic β", grids)
         if a.variant:  # the proposed core change (variants.py), trained and measured beside the paper's trainer
             leak = {}
             for trigger, (_, superclass) in CONCEPTS.items():
@@ -323,8 +333,20 @@ class Bench:
         for k, v in diagnosis.items():
             self.log(f"[tinyworld] run {r}: {k}: " + " ".join(f"{n}={x:.3f}" for n, x in v.items()))
         return {"points": points, "compositions": compositions, "multi_superclass": base_pair,
+                "gates": {t: {**g.__dict__, "gap": g.gap} for t, g in gates.items()},
                 "superclass_attention": superclass_attention, "diagnosis": diagnosis,
                 "timings": {"train_s": train_s, "plane_s": plane_s, "multi_s": multi_s}}
+
+    def choose_gate(self, host: TinyWorldHost, concept, seed: int, r: int):
+        """The automatic gate (perfusion_ops/gate_choice.py), as Train Concept chooses it: held-out prompts are world
+        captions with the trigger in an object's place (not the evaluation prompts), other tokens those of 256 world
+        captions and of the held-out prompts with the superclass word."""
+        rng = random.Random(seed + 17)
+        captions = [R.random_spec(rng)[1] for _ in range(256)]
+        held_out = tuple(trigger_prompts("{}", 32, seed + 18))
+        choice = choose_gate(concept, host.encode, host.text.encode_plain, captions, prompts=held_out)
+        self.log(f"[tinyworld] run {r}: {choice.describe(concept.trigger)}")
+        return choice
 
     def composition(self, host: TinyWorldHost, pair: list[AppliedConcept], refs: dict, seed: int, r: int, label: str,
                     grids: list) -> dict:
@@ -416,6 +438,10 @@ class Bench:
         self.log(f"[tinyworld] total {time.time() - start:.0f}s wall, {time.process_time():.0f}s CPU "
                  f"(world {'trained here' if world_built else 'cached'}); load average over the last 15 min "
                  f"{os.getloadavg()[2]:.1f} on {os.cpu_count()} cores")
+        au = s["automatic_beta"]
+        self.log(f"[tinyworld] automatic β {' / '.join(f'{b:.3f}' for b in au['beta_runs'])}: H {au['H']:.3f}, at the "
+                 f"fixed β {a.beta} {au['H_fixed_beta']:.3f}, best of the sweep {au['best_H_of_sweep']:.3f}; "
+                 f"multi_in_place {s['multi_in_place (automatic β)']:.3f}, cross_gate {s['cross_gate (automatic β)']:.3f}")
         self.log(f"tinyworld control={s['control']:.3f} fidelity={s['fidelity']:.3f} "
                  f"baseline_fidelity={s['baseline_fidelity']:.3f} alignment={s['alignment']:.3f} "
                  f"lock_gain={s['lock_gain']:+.3f} lock_gain_se={s['lock_gain_se']:.3f} "
@@ -452,6 +478,13 @@ class Bench:
         gain_se = max(images_se, runs_se) if np.isfinite(runs_se) else images_se
         pick = lambda m, b, model="base": next(p for p in pooled if (p["method"], p["beta"], p["model"]) == (m, b, model))
         head, base = pick("key-locked", a.beta), pick("superclass only", None)
+        harmonic = lambda p: 2 * p["fidelity"] * p["alignment"] / (p["fidelity"] + p["alignment"])  # noqa: E731
+        automatic = {"H": harmonic(pick(AUTOMATIC, None)), "H_fixed_beta": harmonic(head),
+                     "best_H_of_sweep": max(harmonic(p) for p in sweep(pooled, "key-locked")),
+                     "best_H_beta": max(sweep(pooled, "key-locked"), key=harmonic)["beta"],
+                     "beta_runs": [run["gates"]["sks"]["beta_local"] for run in runs],
+                     "tau_runs": [run["gates"]["sks"]["tau_local"] for run in runs],
+                     "chosen_runs": [run["gates"]["sks"]["chosen"] for run in runs]}
         labels = list(runs[0]["compositions"])
         multi = {(label, mode): {k: mean_se(np.concatenate([run["compositions"][label]["multi"][mode][k] for run in runs]))
                                  for k in runs[0]["compositions"][label]["multi"][mode]}
@@ -469,7 +502,7 @@ class Bench:
                    "multi_in_place_se": multi[("paper", "local lock")]["two"][1],
                    **{f"cross_gate{'' if label == 'paper' else ' (' + label + ')'}":
                       max(run["compositions"][label]["cross_gate"] for run in runs) for label in labels},
-                   "max_alignment_se": max(p["alignment_se"] for p in pooled)}
+                   "max_alignment_se": max(p["alignment_se"] for p in pooled), "automatic_beta": automatic}
         return {"points": pooled, "points_per_run": per_run, "summary": summary,
                 "multi": [{"trainer": label, "lock": mode, **m, "per_run": multi_runs[(label, mode)]}
                           for (label, mode), m in multi.items()]}

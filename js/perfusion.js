@@ -21,6 +21,7 @@ import { api } from "../../scripts/api.js";
 const TRAIN = "PerfusionTrainConcept";
 const LOAD = "PerfusionLoadConcept";
 const APPLY = "PerfusionApply";
+const OWN_GATE = "beta and tau widgets"; // Apply's gate that uses its beta/tau widgets (nodes/inference.py GATES)
 const PANEL = "perfusion_panel";
 const LINE_H = 16;
 const WIDGET_MARGIN = 10; // both front ends inset a DOM widget by this much on each side
@@ -477,7 +478,20 @@ app.registerExtension({
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== APPLY || typeof app.collectNodeMenuItems === "function") return;
+    if (nodeData.name !== APPLY) return;
+    // Apply saved before its gate widget existed used its beta and tau widgets: loaded, it keeps doing so. Such a
+    // workflow has no gate value, or (the 2024 UI saved the panel as a trailing null) a null in its place
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function (info) {
+      const r = onConfigure?.apply(this, arguments);
+      const gate = this.widgets?.find((w) => w.name === "gate");
+      const saved = info?.widgets_values?.[this.widgets.indexOf(gate)];
+      if (gate && Array.isArray(info.widgets_values) && !(gate.options?.values ?? []).includes(saved)) {
+        gate.value = OWN_GATE;
+      }
+      return r;
+    };
+    if (typeof app.collectNodeMenuItems === "function") return;
     // the 2024 front end has no menu hook: extend the node's own menu
     const getExtraMenuOptions = nodeType.prototype.getExtraMenuOptions;
     nodeType.prototype.getExtraMenuOptions = function (_, options) {

@@ -1,6 +1,7 @@
 """Inference nodes: Load Concept, Apply (gated rank-1, multi-concept), Global Key Lock, Export Embedding."""
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy.conds
@@ -15,8 +16,12 @@ from .keylock import KEYS
 from .patching import apply_concept
 from .tokenizer import check_trigger, concepts_of, replace_triggers, with_concepts
 
+log = logging.getLogger("perfusion")
 CATEGORY = "perfusion"
 CONCEPT = "PERFUSION_CONCEPT"
+# Apply's gate sources: the concept file's recommendation for a key lock (perfusion_ops/gate_choice.py), or the widgets
+GATES = {"recommended (local lock)": "local", "recommended (global lock)": "global", "beta and tau widgets": None}
+OWN_GATE = "beta and tau widgets"  # what a workflow or API prompt from before the gate input meant
 
 
 class PerfusionLoadConcept:
@@ -65,7 +70,7 @@ class PerfusionApply:
             "lock": (list(LOCKS), {"default": "local", "tooltip":
                      "local: the concept's keys follow its superclass in this model (key lock). trained-k: use "
                      "keys learned in training (only for concepts trained that way; less prompt-faithful)."}),
-        }, "optional": {  # optional: API prompts saved before this widget existed still validate
+        }, "optional": {  # optional, and new ones last: API prompts and workflows saved before them still load
             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip":
                          "Scales the concept's whole edit: 0 = off (the trigger still gets the learned embedding), "
                          "1 = as trained, above 1 = exaggerated. Unlike beta it does not change where the gate opens."}),
@@ -75,10 +80,20 @@ class PerfusionApply:
             "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                        "Where in the sampling schedule the concept stops acting (1 = the last step). Starting late "
                        "leaves the layout to the prompt; ending early leaves the fine detail to the model."}),
+            "gate": (list(GATES), {"default": next(iter(GATES)), "tooltip":
+                     "Where beta and tau come from. recommended: the concept file's, measured when it was trained "
+                     "(where its trigger's similarity rises above every other word's; the training console prints "
+                     "it) for the local key lock or for Perfusion Global Key Lock prompts. 'beta and tau widgets': "
+                     "the two widgets (workflows from before this input use them)."}),
         }}
 
-    def apply(self, model, clip, concept, beta, tau, lock, strength=1.0, start_at=0.0, end_at=1.0):
+    def apply(self, model, clip, concept, beta, tau, lock, strength=1.0, start_at=0.0, end_at=1.0, gate=OWN_GATE):
         concept.check_clip_layer(clip_layer(clip), f"set CLIP Set Last Layer to {concept.clip_layer} before Perfusion Apply")
+        if gate not in GATES:
+            raise ValueError(f"unknown gate '{gate}': choose one of {', '.join(GATES)}")
+        if GATES[gate] is not None:
+            beta, tau = concept.recommended(GATES[gate])
+            log.info("[perfusion] '%s': β %.2f, τ %.3f (%s)", concept.trigger, beta, tau, gate)
         patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock, strength, start_at, end_at))
         trigger = check_trigger(concept.trigger)
         clip = clip.clone()

@@ -32,6 +32,8 @@ from workflow_api import (combo_values, input_specs, is_widget, object_info_from
                           spec_type, widgets_of)
 from workflow_thumbnail import thumbnail  # noqa: E402
 
+OWN_GATE = "beta and tau widgets"  # PerfusionApply's gate where a workflow sets β itself (nodes/inference.py GATES)
+
 OUT_DIR = REPO / "example_workflows"
 CORE_NODES = REPO / "tools" / "workflow_core_nodes.json"
 PACK_PREFIX = "Perfusion"  # the pack's node class names; every other class is a core node
@@ -301,8 +303,9 @@ def single_concept(info) -> dict:
         "• Perfusion Load Concept: a file from models/perfusion (trained with train_concept.json). The node "
         "shows its trigger word, superclass and recommended β/τ.\n"
         "• Put the trigger word in the prompt: 'a photo of a hugsy ...'.\n"
-        "• beta: lower = more likeness, higher = more prompt freedom (0.6–0.75 for the local lock). "
-        "tau 0.15. Right-click Apply → 'Perfusion: recommended β/τ' to reset them.\n"
+        "• gate 'recommended (local lock)': the β/τ measured when the concept was trained (the node shows them). "
+        "To set them yourself choose 'beta and tau widgets': lower beta = more likeness, higher = more prompt "
+        "freedom (0.6–0.75 for the local lock), tau 0.15.\n"
         "• Works on any SD1.5-family checkpoint; chain LoRAs before or after Apply.",
         0, 40, width=420, title="Note: one concept")
     ckpt = wf.add("CheckpointLoaderSimple", 0, ckpt_name=SD15)
@@ -340,8 +343,8 @@ def global_key_lock(info) -> dict:
                                                  ("global", 0.5, "PerfusionGlobalKeyLock")), start=1):
         col = 1 + (col - 1) * 2
         apply = wf.add("PerfusionApply", col, 80, title=f"Apply ({lock} lock)",
-                       model=ckpt["MODEL"], clip=ckpt["CLIP"], concept=concept["concept"], beta=beta, tau=0.15,
-                       lock="local")
+                       model=ckpt["MODEL"], clip=ckpt["CLIP"], concept=concept["concept"], gate=OWN_GATE,
+                       beta=beta, tau=0.15, lock="local")
         pos = wf.add(encoder, col, title=f"Prompt ({lock} lock)", clip=apply["CLIP"], text=text)
         k = sampler(wf, col, apply["MODEL"], pos["CONDITIONING"], neg["CONDITIONING"], latent["LATENT"], seed)
         decode = wf.add("VAEDecode", col + 1, 80, samples=k["LATENT"], vae=ckpt["VAE"])
@@ -400,8 +403,8 @@ def strength_sweep(info) -> dict:
     for k, beta in enumerate(betas):
         col = 1 + k
         apply = wf.add("PerfusionApply", col, 80, title=f"Apply β {beta:.2f}",
-                       model=ckpt["MODEL"], clip=ckpt["CLIP"], concept=concept["concept"], beta=beta, tau=0.15,
-                       lock="local")
+                       model=ckpt["MODEL"], clip=ckpt["CLIP"], concept=concept["concept"], gate=OWN_GATE,
+                       beta=beta, tau=0.15, lock="local")
         pos = wf.add("CLIPTextEncode", col, title=f"Prompt (β {beta:.2f})", clip=apply["CLIP"],
                      text=text)
         ks = sampler(wf, col, apply["MODEL"], pos["CONDITIONING"], neg["CONDITIONING"], latent["LATENT"], seed)
@@ -434,7 +437,7 @@ def finetuned_transfer(info) -> dict:
         col = 1 + 2 * k
         ckpt = wf.add("CheckpointLoaderSimple", col, 80, title=f"Load Checkpoint ({label})", ckpt_name=ckpt_name)
         apply = wf.add("PerfusionApply", col, model=ckpt["MODEL"], clip=ckpt["CLIP"],
-                       concept=concept["concept"], beta=beta, tau=0.15, lock="local")
+                       concept=concept["concept"], gate=OWN_GATE, beta=beta, tau=0.15, lock="local")
         pos = wf.add("CLIPTextEncode", col, size=(400, 140), title="Prompt", clip=apply["CLIP"], text=prompt)
         neg = wf.add("CLIPTextEncode", col, size=(400, 110), title="Negative", clip=ckpt["CLIP"], text=NEGATIVE)
         ks = sampler(wf, col + 1, apply["MODEL"], pos["CONDITIONING"], neg["CONDITIONING"], latent["LATENT"], seed,

@@ -20,7 +20,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO))
 import comfy_host  # noqa: E402
+from perfusion_ops.concept_file import load_concept  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -68,13 +70,16 @@ def image_batch(paths: list[str]) -> tuple[dict, list]:
     return graph, link
 
 
-def render_graph(ckpt: str, concept: str, prompt: str, beta: float, size: int, steps: int, prefix: str) -> dict:
+def render_graph(ckpt: str, concept: str, prompt: str, beta: float | None, size: int, steps: int, prefix: str) -> dict:
+    """Load → Apply → sample → save; ``beta`` None: the gate the concept file recommends (local lock)."""
+    gate = {"gate": "recommended (local lock)", "beta": 0.7} if beta is None else {"gate": "beta and tau widgets",
+                                                                                   "beta": beta}
     return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "load": {"class_type": "PerfusionLoadConcept", "inputs": {"concept_name": concept}},
         "apply": {"class_type": "PerfusionApply", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
-                                                             "concept": ["load", 0], "beta": beta, "tau": 0.15,
-                                                             "lock": "local"}},
+                                                             "concept": ["load", 0], "tau": 0.15, "lock": "local",
+                                                             **gate}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["apply", 1], "text": prompt}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["apply", 1], "text": "blurry, low quality"}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
@@ -136,8 +141,9 @@ def main(argv=None) -> int:
     concept_file = host.layout.folder("perfusion") / f"{a.trigger}.safetensors"
     shutil.copy(concept_file, out / concept_file.name)
     render_steps = a.render_steps or (4 if smoke else 30)
-    renders = [(f"a photo of a {a.trigger}", 0.7), (f"a {a.trigger} wearing a wizard hat, oil painting", 0.7),
-               (f"a {a.trigger} on the beach", 0.6), (f"a photo of a {superclass}", 0.7)]
+    concept = load_concept(concept_file)
+    renders = [(f"a photo of a {a.trigger}", None), (f"a {a.trigger} wearing a wizard hat, oil painting", None),
+               (f"a {a.trigger} on the beach", 0.6), (f"a photo of a {superclass}", None)]
     t0 = time.perf_counter()
     for k, (prompt, beta) in enumerate(renders):
         host.run(render_graph(ckpt, concept_file.name, prompt, beta, size, render_steps, f"render{k}"))
@@ -160,7 +166,10 @@ def main(argv=None) -> int:
         f"- training settings: {json.dumps(settings)}",
         f"- training: {train_s:.1f} s; rendering {len(renders)} images ({render_steps} steps, {size}px): {render_s:.1f} s",
         f"- concept file: `{concept_file.name}`, {concept_file.stat().st_size / 1024:.1f} KB",
-        f"- renders: " + "; ".join(f"`{prompt}` (β {beta})" for prompt, beta in renders),
+        f"- gate: {concept.info.get('gate', '?')} → recommended β {concept.beta_local:.3f}, τ {concept.tau_local:.3f} "
+        f"(local lock), β {concept.beta_global:.3f} (global lock)",
+        f"- renders: " + "; ".join(f"`{prompt}` ({'recommended gate' if beta is None else f'β {beta}'})"
+                                   for prompt, beta in renders),
         f"- files: " + ", ".join(p.name for p in written),
         f"- total: {time.perf_counter() - started:.1f} s",
     ]) + "\n")

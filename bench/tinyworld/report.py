@@ -60,7 +60,21 @@ def tables(results: dict) -> list[str]:
               f"{s['lock_gain_se_images']:.3f}, runs: {s['lock_gain_se_runs']:.3f})",
               f"- per run: {' / '.join(f'{g:+.3f}' for g in s['lock_gain_runs'])}",
               f"- highest fidelity on each front: " + ", ".join(f"{k} {v:.3f}" for k, v in s["front_fidelity_reach"].items()),
-              f"- verdict: **{s['lock_verdict']}**", "",
+              f"- verdict: **{s['lock_verdict']}**", ""]
+    au = s["automatic_beta"]
+    lines += ["## Automatic β (the gate Train Concept recommends)", "",
+              "Chosen per run from where s separates the trigger (32 held-out world captions) from every other token "
+              "(256 world captions, and the held-out prompts with the superclass word); H: harmonic mean of fidelity "
+              "and alignment (the paper's 'Best H').", "",
+              f"- chosen β (local lock) per run: {' / '.join(f'{b:.3f}' for b in au['beta_runs'])}; τ "
+              f"{' / '.join(f'{t:.3f}' for t in au['tau_runs'])}; measured (not the paper's fallback): "
+              f"{' / '.join(str(c) for c in au['chosen_runs'])}",
+              f"- H automatic {au['H']:.3f}; H at the fixed β {results['settings']['beta']} {au['H_fixed_beta']:.3f}; best H "
+              f"of the β sweep {au['best_H_of_sweep']:.3f} (β {au['best_H_beta']})", ""]
+    for r, run in enumerate(results["runs"]):
+        lines += [f"- run {r}, {t}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in g.items()) for t, g in run["gates"].items()]
+    lines += ["",
               "## Two concepts trained separately, in one prompt (β = headline, τ 0.15)", "",
               "In place: each half's object matches its own concept's colour make-up (histogram intersection > 0.3 and "
               "above the other concept's); 'named': a concept beside an ordinary object whose colour is named.", "",
@@ -116,7 +130,7 @@ def write(out: Path, results: dict, grids, log_lines: list[str]) -> None:
 
 STYLES = {("key-locked", "base"): "blue", ("trained-K", "base"): "red", ("embedding only (TI)", "base"): "green",
           ("superclass only", "base"): "gray", ("key-locked 1-shot", "base"): "purple",
-          ("key-locked, leak-aware C", "base"): "magenta",
+          ("key-locked, leak-aware C", "base"): "magenta", ("key-locked, automatic β", "base"): "brown",
           ("key-locked", "finetuned"): "cyan", ("trained-K", "finetuned"): "orange", ("superclass only", "finetuned"): "black"}
 
 

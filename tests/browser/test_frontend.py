@@ -33,6 +33,7 @@ WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 TRAIN_STEPS = 3
 PANEL_NODES = {"PerfusionTrainConcept", "PerfusionLoadConcept", "PerfusionApply"}  # the nodes the extension extends
 CORRUPT = "corrupt.safetensors"  # written by conftest.py
+OWN_GATE, GATE_INDEX = "beta and tau widgets", 6  # Apply's gate that uses beta/tau; its place in widgets_values
 MEAN_BLUE, ERROR_RED = "rgb(90, 169, 255)", "rgb(255, 107, 107)"  # the panel's β/τ line and error line
 UI_TIMEOUT_MS, TRAIN_TIMEOUT_MS = 60_000, 300_000
 
@@ -119,6 +120,15 @@ def node_id(workflow, kind, index=0):
     return [n["id"] for n in workflow["nodes"] if n["type"] == kind][index]
 
 
+def legacy_apply(workflow, trailing: list) -> dict:
+    """``workflow`` as saved before Apply had its gate widget: Apply's values end at end_at (then ``trailing``)."""
+    wf = copy.deepcopy(workflow)
+    for node in wf["nodes"]:
+        if node["type"] == "PerfusionApply":
+            node["widgets_values"] = node["widgets_values"][:GATE_INDEX] + trailing
+    return wf
+
+
 def ui_settings(renderer: str) -> dict:
     """User settings stored on the server before the page loads: the renderer, and no first-start dialogs over the
     canvas (the template browser, the missing-models warning for the example workflows' checkpoint names)."""
@@ -160,11 +170,13 @@ def test_ui_trains_with_live_chart_toast_and_labels_concepts(request, renderer, 
     train = substitute(gallery["train_concept"], info, tiny)
     refused = substitute(train, info, {("PerfusionTrainConcept", "superclass"): ""})
     labels = substitute(gallery["single_concept"], info, {**tiny, "concept_name": f"{trained}.safetensors"})
+    legacy = [legacy_apply(gallery["single_concept"], trailing) for trailing in ([], [None])]
     artifacts = ARTIFACTS / f"{tree_name(ui_server.root)}-{renderer}"
     shutil.rmtree(artifacts, ignore_errors=True)
     artifacts.mkdir(parents=True)
     plan = {"url": ui_server.url, "artifacts": str(artifacts), "renderer": renderer, "timeout_ms": UI_TIMEOUT_MS,
             "train_timeout_ms": TRAIN_TIMEOUT_MS, "gallery": gallery,
+            "legacy": [{"workflow": wf, "node": node_id(wf, "PerfusionApply")} for wf in legacy],
             "train": {"workflow": train, "node": node_id(train, "PerfusionTrainConcept")},
             "fail": {"workflow": refused, "node": node_id(refused, "PerfusionTrainConcept")},
             "labels": {"workflow": labels, "load_node": node_id(labels, "PerfusionLoadConcept"),
@@ -188,6 +200,11 @@ def test_ui_trains_with_live_chart_toast_and_labels_concepts(request, renderer, 
         original = {str(n["id"]): n["widgets_values"] + (panel_value if n["type"] in PANEL_NODES else [])
                     for n in workflow["nodes"] if n["type"].startswith("Perfusion")}
         assert result["saved"][name] == original, name
+    # an Apply saved before the gate widget (its values end at end_at, or at the 2024 UI's null for the panel) keeps
+    # using its beta and tau widgets; a new one uses the concept's recommendation
+    assert result["legacy"] == [{"widget": OWN_GATE, "queued": OWN_GATE}] * 2, result["legacy"]
+    assert result["prompts"]["single_concept"][str(node_id(gallery["single_concept"], "PerfusionApply"))]["inputs"][
+        "gate"] == "recommended (local lock)"
     # no uncaught exception, and no console error from the extension (the current front end logs its own, e.g. the
     # templates it cannot fetch offline; concept_info answers 404/422 for the missing and the corrupt file)
     assert result["page_errors"] == [], result["page_errors"]

@@ -4,9 +4,10 @@
 // The same scenario runs in the 2024 front end and in the current one with classic or Vue nodes (the server's
 // settings choose the renderer before the page loads; the driver only reports what the page runs).
 // plan: {url, artifacts, renderer, timeout_ms, train_timeout_ms, gallery: {name: workflow},
-//        train: {workflow, node}, fail: {workflow, node}, labels: {workflow, load_node, apply_node, corrupt}}
+//        legacy: [{workflow, node}], train: {workflow, node}, fail: {workflow, node},
+//        labels: {workflow, load_node, apply_node, corrupt}}
 // result: {frontend, prompts: {name: graphToPrompt().output}, missing: {name: [types]},
-//          saved: {name: {node id: widgets_values of the Perfusion nodes}}, train, resumed, fail, labels,
+//          saved: {name: {node id: widgets_values of the Perfusion nodes}}, legacy, train, resumed, fail, labels,
 //          page_errors, console_errors: [{text, url}], screenshots, log}
 import { chromium } from "playwright-core";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -204,6 +205,19 @@ async function loadGallery() {
   }
 }
 
+async function legacyApply() {
+  // Apply nodes saved before the gate widget existed: loaded, their gate is the beta/tau widgets
+  result.legacy = [];
+  for (const { workflow, node: id } of plan.legacy) {
+    result.legacy.push(await inPage(async ([wf, nodeId]) => {
+      await window.__perfusion.load(wf);
+      const node = window.__perfusion.node(nodeId);
+      const prompt = await app.graphToPrompt();
+      return { widget: node.widgets.find((w) => w.name === "gate")?.value, queued: prompt.output[nodeId].inputs.gate };
+    }, [workflow, id]));
+  }
+}
+
 async function train() {
   // queue with the UI's own Queue/Run button, watch the live chart, then the toast
   const { workflow, node: id } = plan.train;
@@ -321,6 +335,7 @@ async function recommendedFromMenu(applyId) {
 try {
   await start();
   await loadGallery();
+  await legacyApply();
   save();
   await train();
   await resumedCurve();

@@ -1,6 +1,8 @@
 """Load / Apply / Global Key Lock / Export in a real ComfyUI: behaviour against unpatched runs and the core's maths."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -108,6 +110,25 @@ def test_chaining_is_order_free_and_equals_the_core_joint_edit(comfy, loaded, co
         assert torch.allclose(got_ba[layer][0], k, atol=1e-5) and torch.allclose(got_ba[layer][1], v, atol=1e-5)
     again = apply(comfy, ab, clip, a, 0.6, 0.15)[0]  # the same concept again replaces, never doubles
     assert [e.concept.trigger for e in comfy.pack.nodes.patching.applied_concepts(again)] == ["zorbo", "hugsy"]
+
+
+def test_the_recommended_gate_is_the_concept_files(comfy, loaded, concept_files):
+    """gate 'recommended (… lock)' applies the file's β/τ for that lock, bit for bit as the widgets set to them;
+    without the gate input (API prompts from before it) the widgets count."""
+    model, clip = loaded
+    concept = replace(concept_files.concept("hugsy"), beta_local=0.55, tau_local=0.07, beta_global=0.35, tau_global=0.2)
+    context = torch.randn(1, 77, 768) * 0.5
+    context[0, 6] = concept.target_input
+    for gate, lock in (("recommended (local lock)", "local"), ("recommended (global lock)", "global")):
+        recommended = projections(comfy, apply(comfy, model, clip, concept, 0.9, 0.3, gate=gate)[0], context)
+        widgets = projections(comfy, apply(comfy, model, clip, concept, *concept.recommended(lock))[0], context)
+        assert all(torch.equal(recommended[l][p], widgets[l][p]) for l in widgets for p in (0, 1)), gate
+    own = projections(comfy, apply(comfy, model, clip, concept, 0.9, 0.3, gate="beta and tau widgets")[0], context)
+    assert all(torch.equal(own[l][p], unset[l][p]) for unset in [projections(
+        comfy, apply(comfy, model, clip, concept, 0.9, 0.3)[0], context)] for l in own for p in (0, 1))
+    assert any(not torch.equal(own[l][1], widgets[l][1]) for l in own)  # β 0.9 is not the recommendation
+    with pytest.raises(ValueError, match="unknown gate 'auto': choose one of recommended"):
+        apply(comfy, model, clip, concept, gate="auto")
 
 
 def test_strength_scales_the_edit_linearly(comfy, loaded, concept_files):
