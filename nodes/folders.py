@@ -46,13 +46,18 @@ def caption_files() -> list[str]:
     return ["", *folder_paths.get_filename_list(CAPTIONS)]
 
 
-def caption_path(name: str) -> str | None:
-    """The file behind the combo value ``name``, or None for ``""`` (the built-in corpus). Refuses any name the
-    combo does not list, with a message that names only the folder."""
+def listed_path(folder: str, name: str, refusal: str) -> str | None:
+    """The file behind the combo value ``name`` of ``folder``, or None for ``""`` (the combo's 'none'). A name the
+    combo does not list raises ``ValueError(refusal)``: a message that names only the folder, never a server path."""
     if not name:
         return None
-    path = folder_paths.get_full_path(CAPTIONS, name) if name in folder_paths.get_filename_list(CAPTIONS) else None
+    path = folder_paths.get_full_path(folder, name) if name in folder_paths.get_filename_list(folder) else None
     if path is None:
-        raise ValueError(f"caption file '{name}' is not in {CAPTIONS_SHOWN}: put the .txt file there and pick it "
-                         "from the list (empty: the built-in corpus)")
+        raise ValueError(refusal)
     return path
+
+
+def caption_path(name: str) -> str | None:
+    """The caption file behind the combo value ``name``, or None for ``""`` (the built-in corpus)."""
+    return listed_path(CAPTIONS, name, f"caption file '{name}' is not in {CAPTIONS_SHOWN}: put the .txt file there "
+                                       "and pick it from the list (empty: the built-in corpus)")

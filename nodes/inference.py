@@ -8,7 +8,8 @@ import comfy.conds
 import folder_paths
 
 from ..perfusion_ops.concept_file import export_embedding, load_concept
-from ..perfusion_ops.edit import LOCKS, AppliedConcept
+from ..perfusion_ops.edit import AppliedConcept
+from ..perfusion_ops.settings import BETA, EDIT_LOCKS, GLOBAL, LOCAL, PAPER_GATES, STRENGTH, TAU
 from ..perfusion_ops.files import safe_file_name
 from .folders import FOLDER
 from .clip_layer import clip_layer, guard_clip_layer
@@ -20,7 +21,7 @@ log = logging.getLogger("perfusion")
 CATEGORY = "perfusion"
 CONCEPT = "PERFUSION_CONCEPT"
 # Apply's gate sources: the concept file's recommendation for a key lock (perfusion_ops/gate_choice.py), or the widgets
-GATES = {"recommended (local lock)": "local", "recommended (global lock)": "global", "beta and tau widgets": None}
+GATES = {"recommended (local lock)": LOCAL, "recommended (global lock)": GLOBAL, "beta and tau widgets": None}
 OWN_GATE = "beta and tau widgets"  # what a workflow or API prompt from before the gate input meant
 
 
@@ -62,18 +63,19 @@ class PerfusionApply:
             "model": ("MODEL", {"tooltip": "An SD1.x model (or one already patched by Perfusion Apply)."}),
             "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint (or one already patched by Apply)."}),
             "concept": (CONCEPT, {"tooltip": "From Perfusion Load Concept or Perfusion Train Concept."}),
-            "beta": ("FLOAT", {"default": 0.7, "min": -1.0, "max": 2.0, "step": 0.01, "tooltip":
-                     "Gate bias β. Lower = stronger concept (more likeness), higher = more prompt freedom. "
-                     "Paper: 0.6–0.75 with the local key lock, 0.4–0.6 with the global key lock."}),
-            "tau": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
-                    "Gate temperature τ: how sharply the gate opens around β (paper: 0.15 at inference)."}),
-            "lock": (list(LOCKS), {"default": "local", "tooltip":
+            "beta": BETA.widget(PAPER_GATES[LOCAL][0],
+                                "Gate bias β (used with gate 'beta and tau widgets'). Lower = stronger concept (more "
+                                "likeness), higher = more prompt freedom. Paper: 0.6–0.75 with the local key lock, "
+                                "0.4–0.6 with the global key lock."),
+            "tau": TAU.widget(PAPER_GATES[LOCAL][1], "Gate temperature τ (used with gate 'beta and tau widgets'): how "
+                                                     "sharply the gate opens around β (paper: 0.15 at inference)."),
+            "lock": (list(EDIT_LOCKS), {"default": LOCAL, "tooltip":
                      "local: the concept's keys follow its superclass in this model (key lock). trained-k: use "
                      "keys learned in training (only for concepts trained that way; less prompt-faithful)."}),
         }, "optional": {  # optional, and new ones last: API prompts and workflows saved before them still load
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip":
-                         "Scales the concept's whole edit: 0 = off (the trigger still gets the learned embedding), "
-                         "1 = as trained, above 1 = exaggerated. Unlike beta it does not change where the gate opens."}),
+            "strength": STRENGTH.widget(1.0, "Scales the concept's whole edit: 0 = off (the trigger still gets the "
+                                             "learned embedding), 1 = as trained, above 1 = exaggerated. Unlike beta "
+                                             "it does not change where the gate opens."),
             "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                          "Where in the sampling schedule the concept starts to act (0 = the first step). Outside "
                          "start_at–end_at the model is the unedited one."}),

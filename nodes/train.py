@@ -21,8 +21,9 @@ from ..perfusion_ops.covariance import cached_covariance, estimate_covariance, r
 from ..perfusion_ops.envelope import MAX_STEPS
 from ..perfusion_ops.files import atomic_write_bytes, safe_file_name
 from ..perfusion_ops.gate_choice import caption_sample, choose_gate
+from ..perfusion_ops.settings import BETA, PAPER_GATES, TAU
 from ..perfusion_ops.training import Sample, TrainSettings, Trainer, normalise_masks, prompts_for, run
-from .folders import FOLDER, caption_files, caption_path, save_dir
+from .folders import FOLDER, caption_files, caption_path, listed_path, save_dir
 from .clip_layer import clip_layer
 from .inference import CATEGORY, CONCEPT
 from .loss_chart import live_preview, loss_chart
@@ -124,12 +125,10 @@ def resume_files() -> list[str]:
 def resume_source(name: str):
     """``(concept, training state or None)`` of the resume combo value ``name``, read before any work; None for
     ``""``. Refuses a name the combo does not list."""
-    if not name:
-        return None
-    path = folder_paths.get_full_path(FOLDER, name) if name in folder_paths.get_filename_list(FOLDER) else None
+    path = listed_path(FOLDER, name, f"'{name}' is not in models/perfusion: pick a concept or checkpoint file from "
+                                     "the list (empty: train from the start)")
     if path is None:
-        raise ValueError(f"'{name}' is not in models/perfusion: pick a concept or checkpoint file from the list "
-                         "(empty: train from the start)")
+        return None
     concept, state = load_training_state(path)
     if state is None and os.path.splitext(name)[0].endswith(CHECKPOINT):
         raise ConceptError(f"'{name}' is a checkpoint of an earlier comfyui-perfusion, without the training state "
@@ -208,10 +207,8 @@ class PerfusionTrainConcept:
                               "tooltip": "Learning rate of the V target outputs (paper: 0.03)."}),
                 "lr_embedding": ("FLOAT", {"default": 0.006, "min": 1e-5, "max": 1.0, "step": 0.001,
                                  "tooltip": "Learning rate of the trigger embedding (paper: 0.006)."}),
-                "train_beta": ("FLOAT", {"default": 0.75, "min": -1.0, "max": 2.0, "step": 0.01,
-                               "tooltip": "Gate bias during training (paper: 0.75)."}),
-                "train_tau": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 10.0, "step": 0.01,
-                              "tooltip": "Gate temperature during training (paper: 0.1)."}),
+                "train_beta": BETA.widget(PAPER_GATES["train"][0], "Gate bias during training (paper: 0.75)."),
+                "train_tau": TAU.widget(PAPER_GATES["train"][1], "Gate temperature during training (paper: 0.1)."),
                 "flip": ("BOOLEAN", {"default": True, "tooltip":
                          "Mirror images half of the time; turn off for asymmetric objects (text, logos)."}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64,

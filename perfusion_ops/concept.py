@@ -3,7 +3,6 @@
 The bounds it is checked against (vectors, widths, layers) are the envelope of ``envelope.py``."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .envelope import MAX_LAYERS, MAX_STEPS, MAX_VECTORS, MAX_WIDTH
+from .settings import BETA, GLOBAL, LOCAL, PAPER_GATES, TAU
 
 # Text encoders the format knows, by the width of the encodings they feed cross-attention.
 TEXT_ENCODERS = {"clip-l": 768, "open-clip-h": 1024, "clip-g": 1280}
@@ -40,12 +40,12 @@ class Concept:
     superclass_encoding: Tensor  # e_sup, (D,)
     value_outputs: dict[str, Tensor]  # layer name -> o_V, (out,)
     key_outputs: dict[str, Tensor] | None = None  # trained-K only
-    train_beta: float = 0.75
-    train_tau: float = 0.1
-    beta_local: float = 0.7
-    tau_local: float = 0.15
-    beta_global: float = 0.5
-    tau_global: float = 0.15
+    train_beta: float = PAPER_GATES["train"][0]
+    train_tau: float = PAPER_GATES["train"][1]
+    beta_local: float = PAPER_GATES[LOCAL][0]
+    tau_local: float = PAPER_GATES[LOCAL][1]
+    beta_global: float = PAPER_GATES[GLOBAL][0]
+    tau_global: float = PAPER_GATES[GLOBAL][1]
     text_encoder: str = "clip-l"
     encoder_fingerprint: str = ""
     model_family: str = "sd15"
@@ -73,7 +73,7 @@ class Concept:
     def recommended(self, lock: str) -> tuple[float, float]:
         """Recommended inference ``(β, τ)`` for ``lock`` 'local' or 'global' (paper Sec. 4.4: τ 0.15,
         β 0.6–0.75 local, 0.4–0.6 global)."""
-        return (self.beta_global, self.tau_global) if lock == "global" else (self.beta_local, self.tau_local)
+        return (self.beta_global, self.tau_global) if lock == GLOBAL else (self.beta_local, self.tau_local)
 
     def validate(self) -> "Concept":
         """Raise :class:`ConceptError` unless every field is present, finite and of consistent shape."""
@@ -109,7 +109,7 @@ class Concept:
             if tensor.shape != self.value_outputs[layer].shape:
                 raise ConceptError(f"trained-K concept: 'o_k.{layer}' has shape {tuple(tensor.shape)} but 'o_v.{layer}' "
                                    f"{tuple(self.value_outputs[layer].shape)}")
-        for kind in ("train", "local", "global"):
+        for kind in PAPER_GATES:
             beta, tau = (self.train_beta, self.train_tau) if kind == "train" else self.recommended(kind)
             check_gate(beta, tau, what=f"{kind} gate")
         return self
@@ -195,11 +195,11 @@ class TrainingState:
 
 
 def check_gate(beta: float, tau: float, what: str = "gate") -> None:
-    """Refuse absurd gate settings: β must be finite and in [-1, 2] (s(i) = 1), τ in (0, 10]."""
-    if not (math.isfinite(beta) and -1.0 <= beta <= 2.0):
-        raise ConceptError(f"{what}: β = {beta} is outside [-1, 2] (the similarity of the concept to itself is 1)")
-    if not (math.isfinite(tau) and 0.0 < tau <= 10.0):
-        raise ConceptError(f"{what}: τ = {tau} must be in (0, 10]; τ = 0 would make the gate a hard step")
+    """Refuse absurd gate settings: β must be finite and in ``settings.BETA`` (s(i) = 1), τ in ``settings.TAU``."""
+    if beta not in BETA:
+        raise ConceptError(f"{what}: β = {beta} is outside {BETA} (the similarity of the concept to itself is 1)")
+    if tau not in TAU:
+        raise ConceptError(f"{what}: τ = {tau} must be in {TAU}; τ = 0 would make the gate a hard step")
 
 
 def _check_tensor(tensor: Tensor, name: str, shape: tuple[int, ...]) -> None:

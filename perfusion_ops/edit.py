@@ -6,16 +6,14 @@ from the host's *current* ``W_K``, so a concept trained on one checkpoint follow
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from .concept import Concept, ConceptError, check_gate
 from .projection import EditedProjection, Projection, SharedContext
+from .settings import EDIT_LOCKS, LOCAL, STRENGTH, TRAINED_K
 from .stack import ConceptStack
-
-LOCKS = ("local", "trained-k")  # global key lock is local lock plus a superclass K context (App. C)
 
 
 @dataclass(frozen=True)
@@ -27,21 +25,21 @@ class AppliedConcept:
     concept: Concept
     beta: float
     tau: float
-    lock: str = "local"
+    lock: str = LOCAL
     strength: float = 1.0
     start_at: float = 0.0
     end_at: float = 1.0
 
     def __post_init__(self):
         check_gate(self.beta, self.tau, what=f"concept '{self.concept.trigger}'")
-        if not (math.isfinite(self.strength) and 0.0 <= self.strength <= 2.0):
-            raise ConceptError(f"concept '{self.concept.trigger}': strength {self.strength} must be in [0, 2]")
+        if self.strength not in STRENGTH:
+            raise ConceptError(f"concept '{self.concept.trigger}': strength {self.strength} must be in {STRENGTH}")
         if not (0.0 <= self.start_at <= self.end_at <= 1.0):  # also refuses NaN
             raise ConceptError(f"concept '{self.concept.trigger}': start_at {self.start_at} and end_at "
                                f"{self.end_at} must satisfy 0 ≤ start_at ≤ end_at ≤ 1")
-        if self.lock not in LOCKS:
-            raise ConceptError(f"unknown lock mode '{self.lock}' (choose {' or '.join(LOCKS)})")
-        if self.lock == "trained-k" and not self.concept.trained_keys:
+        if self.lock not in EDIT_LOCKS:
+            raise ConceptError(f"unknown lock mode '{self.lock}' (choose {' or '.join(EDIT_LOCKS)})")
+        if self.lock == TRAINED_K and not self.concept.trained_keys:
             raise ConceptError(
                 f"concept '{self.concept.trigger}' was trained key-locked and has no trained K outputs; "
                 "use lock mode 'local'"
@@ -84,7 +82,7 @@ class JointEdit:
             strength=[entry.strength for entry in self.active],
         )
         self.shared = SharedContext(stack, torch.stack([c.superclass_encoding for c in concepts]))
-        self.locked = torch.tensor([entry.lock == "local" for entry in self.active])
+        self.locked = torch.tensor([entry.lock == LOCAL for entry in self.active])
 
     def targets(self, layer: str, path: str) -> torch.Tensor:
         """Stored target outputs ``(J, out)`` of the active concepts' ``layer`` for ``path`` 'k' or 'v' (zeros where
@@ -94,7 +92,7 @@ class JointEdit:
             c = entry.concept
             if path == "v":
                 rows.append(c.value_outputs[layer])
-            elif entry.lock == "trained-k":
+            elif entry.lock == TRAINED_K:
                 rows.append(c.key_outputs[layer])
             else:
                 rows.append(torch.zeros_like(c.value_outputs[layer]))

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .concept import Concept
+from .settings import GLOBAL, LOCAL
 from .stack import similarity
 
 # Prompts training never sees (App. G's evaluation style: a new scene, a new style, a second object); "{}" is the word.
@@ -116,7 +117,7 @@ def choose_gate(concept: Concept, encode: Callable[[list[str], str, Tensor], tup
     low, other, after = float(s_trigger.min()), float(s_other.max()), float(s_context[following].max())
     chosen = gate_from_gap(low, other)
     if chosen is None:
-        (beta_local, tau_local), (beta_global, tau_global) = concept.recommended("local"), concept.recommended("global")
+        (beta_local, tau_local), (beta_global, tau_global) = concept.recommended(LOCAL), concept.recommended(GLOBAL)
     else:
         beta_local, beta_global, tau_local = chosen
         tau_global = tau_local

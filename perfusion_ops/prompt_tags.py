@@ -23,12 +23,12 @@ Several tags in one prompt combine into one joint edit (paper Eq. 4). The same n
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
+from .settings import BETA, LOCAL, LOCKS, STRENGTH, TAU
+
 NETWORK = "perfusion"
-LOCKS = ("local", "global", "trained-k")
 TAG = re.compile(r"<perfusion:([^>]*)>")  # the webui's own pattern is <(\w+):([^>]+)>, case-sensitive
 _ALIASES = {"beta": "beta", "b": "beta", "tau": "tau", "t": "tau", "strength": "strength", "s": "strength",
             "w": "strength", "weight": "strength", "lock": "lock"}
@@ -47,17 +47,17 @@ class PerfusionTag:
     strength: float = 1.0
     beta: float | None = None
     tau: float | None = None
-    lock: str = "local"
+    lock: str = LOCAL
 
     def __post_init__(self):
         if not self.name or not _NAME.match(self.name) or self.name != self.name.strip():
             raise TagError(f"bad concept name {self.name!r} (a file name without ':', '<', '>', '=')")
-        if not (math.isfinite(self.strength) and 0.0 <= self.strength <= 2.0):
-            raise TagError(f"{self.name}: strength {self.strength} must be in [0, 2]")
-        if self.beta is not None and not (math.isfinite(self.beta) and -1.0 <= self.beta <= 2.0):
-            raise TagError(f"{self.name}: beta {self.beta} must be in [-1, 2] (a concept's similarity to itself is 1)")
-        if self.tau is not None and not (math.isfinite(self.tau) and 0.0 < self.tau <= 10.0):
-            raise TagError(f"{self.name}: tau {self.tau} must be in (0, 10]")
+        if self.strength not in STRENGTH:
+            raise TagError(f"{self.name}: strength {self.strength} must be in {STRENGTH}")
+        if self.beta is not None and self.beta not in BETA:
+            raise TagError(f"{self.name}: beta {self.beta} must be in {BETA} (a concept's similarity to itself is 1)")
+        if self.tau is not None and self.tau not in TAU:
+            raise TagError(f"{self.name}: tau {self.tau} must be in {TAU}")
         if self.lock not in LOCKS:
             raise TagError(f"{self.name}: lock {self.lock!r} must be one of {', '.join(LOCKS)}")
 
@@ -141,7 +141,7 @@ def format_tag(tag: PerfusionTag) -> str:
         items.append(f"beta={_number(tag.beta)}")
     if tag.tau is not None:
         items.append(f"tau={_number(tag.tau)}")
-    if tag.lock != "local":
+    if tag.lock != LOCAL:
         items.append(f"lock={tag.lock}")
     return f"<{NETWORK}:{':'.join(items)}>"
 

@@ -24,6 +24,7 @@ from .concept import Concept, ConceptError, TrainingState, check_gate, learned_t
 from .edit import AppliedConcept, JointEdit
 from .envelope import MAX_STEPS
 from .projection import Projection
+from .settings import LOCAL, PAPER_GATES, TRAINED_K
 
 # Neutral training prompts (paper App. G); "{}" is the trigger word.
 TEMPLATES = (
@@ -65,8 +66,8 @@ class TrainSettings:
     grad_accum: int = 4
     lr_values: float = 0.03
     lr_embedding: float = 0.006
-    train_beta: float = 0.75
-    train_tau: float = 0.1
+    train_beta: float = PAPER_GATES["train"][0]
+    train_tau: float = PAPER_GATES["train"][1]
     ema_decay: float = 0.99
     trained_k: bool = False  # the paper's ablation (Fig. 9b): learn o_K instead of locking it
     seed: int = 0
@@ -272,7 +273,7 @@ class Trainer:
 
     def _route(self, concept: Concept, beta: float, tau: float) -> JointEdit:
         """Send the host's projections (through :meth:`forwards`) through ``concept``'s gated edit at ``(β, τ)``."""
-        lock = "trained-k" if self.settings.trained_k else "local"
+        lock = TRAINED_K if self.settings.trained_k else LOCAL
         edit = JointEdit([AppliedConcept(concept, beta, tau, lock)])
         self.live = {(l, p): edit.projection(l, p, self.host.project(l, p)) for l in self.host.layers for p in "kv"}
         return edit
@@ -283,7 +284,7 @@ class Trainer:
         the way inference applies it (its recommended local β/τ; the training gate is sharper), with no gradients,
         for rendering previews. It yields that concept; training's edit comes back on exit."""
         concept, training = self.concept(), self.live
-        self._route(concept, *concept.recommended("local"))
+        self._route(concept, *concept.recommended(LOCAL))
         try:
             with torch.no_grad():
                 yield concept

@@ -7,7 +7,6 @@ import re
 import pytest
 
 from graphs import train_graph
-from perfusion_ops.concept_file import load_concept
 
 
 def test_training_saves_the_measured_gate_and_says_so(comfy, small_checkpoint, photo_name):
@@ -15,7 +14,7 @@ def test_training_saves_the_measured_gate_and_says_so(comfy, small_checkpoint, p
         concept, _ = comfy.run(train_graph(small_checkpoint.name, photo_name, "gaty", "cat", "gaty", steps=3),
                                fresh=True)["train"]
     line = next(line for line in logs if "gate for 'gaty'" in line)
-    saved = load_concept(comfy.layout.folder("perfusion") / "gaty.safetensors")
+    saved = comfy.pack.perfusion_ops.concept_file.load_concept(comfy.layout.folder("perfusion") / "gaty.safetensors")
     assert saved.recommended("local") == pytest.approx(concept.recommended("local"), abs=1e-6)
     assert saved.recommended("global") == pytest.approx(concept.recommended("global"), abs=1e-6)
     low, high = (float(x) for x in re.search(r"s at 'gaty' (-?[\d.]+)–.*other tokens up to (-?[\d.]+)", line).groups())

@@ -28,6 +28,16 @@ def apply(comfy, model, clip, concept, beta=0.7, tau=0.15, **optional):
         return comfy.node("PerfusionApply")().apply(model, clip, concept, beta, tau, "local", **optional)
 
 
+def sample_hooked(comfy, model, hooks, steps, cond, negative, latent_in):
+    """ComfyUI's KSampler (euler, cfg 5, seed 0) on ``model`` while ``hooks`` watch; they are removed after."""
+    try:
+        with torch.inference_mode():
+            comfy.nodes.common_ksampler(model, 0, steps, 5.0, "euler", "normal", cond, negative, latent_in)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def projections(comfy, model, context):
     """Outputs of every attn2 to_k/to_v of ``model`` (loaded, so its patches are live) for ``context``."""
     comfy.model_management.load_models_gpu([model])
@@ -131,6 +141,20 @@ def test_the_recommended_gate_is_the_concept_files(comfy, loaded, concept_files)
         apply(comfy, model, clip, concept, gate="auto")
 
 
+def test_every_value_the_gate_widgets_offer_is_one_apply_accepts(comfy, loaded, concept_files):
+    """The widgets' ends come from the core's ranges (perfusion_ops/settings.py): τ's widget once offered 0, which
+    the core refuses."""
+    model, clip = loaded
+    spec = comfy.node("PerfusionApply").INPUT_TYPES()
+    inputs = {**spec["required"], **spec["optional"]}
+    for end in ("min", "max"):
+        beta, tau, strength = (inputs[name][1][end] for name in ("beta", "tau", "strength"))
+        apply(comfy, model, clip, concept_files.concept("hugsy"), beta, tau, strength=strength)
+    train = comfy.node("PerfusionTrainConcept").INPUT_TYPES()["required"]
+    assert inputs["tau"][1]["min"] > 0 and train["train_tau"][1]["min"] > 0
+    assert (train["train_beta"][1]["min"], train["train_beta"][1]["max"]) == (inputs["beta"][1]["min"], inputs["beta"][1]["max"])
+
+
 def test_strength_scales_the_edit_linearly(comfy, loaded, concept_files):
     model, clip = loaded
     concept = concept_files.concept("hugsy")
@@ -173,12 +197,7 @@ def test_outside_start_at_end_at_the_model_is_the_plain_one(comfy, loaded, conce
     hooks = [unet.register_forward_pre_hook(unet_call, with_kwargs=True)]
     hooks += [m.register_forward_hook(lambda mod, args, out: calls[-1].append((out.clone(), type(mod).forward(mod, args[0]))))
               for m in (attention.to_k, attention.to_v)]
-    try:
-        with torch.inference_mode():
-            comfy.nodes.common_ksampler(patched, 0, 6, 5.0, "euler", "normal", cond, negative, latent_in)
-    finally:
-        for h in hooks:
-            h.remove()
+    sample_hooked(comfy, patched, hooks, 6, cond, negative, latent_in)
     high, low = sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at)
     # The UNet sees σ rounded to the model's timestep grid: judge only steps clearly away from a boundary.
     clear = [(sigma, low <= sigma <= high, outputs) for sigma, *outputs in calls
@@ -245,12 +264,7 @@ def test_global_key_lock_feeds_k_the_superclass_prompt(comfy, loaded, concept_fi
     seen = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, path=path: seen.append((path, args[0].clone())))
              for path, m in (("k", attention.to_k), ("v", attention.to_v))]
-    try:
-        with torch.inference_mode():
-            comfy.nodes.common_ksampler(patched, 0, 1, 5.0, "euler", "normal", cond, negative, latent_in)
-    finally:
-        for h in hooks:
-            h.remove()
+    sample_hooked(comfy, patched, hooks, 1, cond, negative, latent_in)
     pairs = list(zip(seen[0::2], seen[1::2]))
     locked = [(k, v) for (_, k), (_, v) in pairs if torch.allclose(v[0], real[0].to(v))]
     assert locked, "no cross-attention call saw the real prompt as V"
@@ -274,7 +288,7 @@ def test_bad_input_is_a_node_error_and_the_server_keeps_serving(server, case, co
     concepts = {"width": [("sd2-concept.safetensors", 0.7, 0.15)], "corrupt": [("corrupt.safetensors", 0.7, 0.15)],
                 "missing": [("nope.safetensors", 0.7, 0.15)], "tau0": [("hugsy.safetensors", 0.7, 0.0)]}[case]
     expected = {"width": "SD2.x", "corrupt": "truncated or not a safetensors", "missing": "nope.safetensors",
-                "tau0": "would make the gate a hard step"}[case]
+                "tau0": "smaller than min of 0.01"}[case]  # τ = 0: ComfyUI's own validation, from τ's range
     with pytest.raises(Exception) as failure:
         server.run(sampling_graph(ckpt, PROMPT.format("hugsy"), concepts, steps=1))
     assert expected in str(failure.value), str(failure.value)[:2000]

@@ -15,15 +15,7 @@ from bench.tinyworld.stats import bootstrap_gain, front_gain, mean_se, verdict
 from bench.tinyworld.text import TextEncoder, package_dir, words_of_world
 from perfusion_ops.edit import AppliedConcept
 from perfusion_ops.training import TrainSettings
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: extra threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tinyworld_fixtures import one_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from bench.tinyworld.clip import TinyCLIP, clip_batch, zero_shot
 from bench.tinyworld.host import superclass_prompt
 from bench.tinyworld.measure import outline_score
 from perfusion_ops.concept import Concept
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tinyworld_fixtures import one_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")
