@@ -2,8 +2,10 @@
 
 The gate ``g = σ((s − β)/τ)`` should be open where the trigger word is and shut at every other token. After
 training, ``s(e) = (e·q)/(i·q)`` (Eq. 2) is measured at the trigger in held-out prompts (``s_trigger``: the lowest is
-the one that must still open) and at every token of prompts without it (``s_other``: captions, and the held-out
-prompts with the superclass word in the trigger's place; the highest must stay shut). Between the two lies a gap:
+the one that must still open) and at every other token (the highest must stay shut): the tokens of prompts without
+the trigger (captions, and the held-out prompts with the superclass word in its place) and the tokens *after* the
+trigger in the held-out prompts, into which a causal text encoder copies it (a gate open there spreads the concept
+over the rest of the prompt, and onto a second concept's trigger). Between the two lies a gap:
 
 - local key lock: β in its middle, τ so that the gate is ``OPEN`` at the lowest trigger and ``1 − OPEN`` at the
   highest other token: ``β = (lo + hi)/2``, ``τ = (hi − lo) / (2·logit(OPEN))``;
@@ -11,8 +13,7 @@ prompts with the superclass word in the trigger's place; the highest must stay s
   gate slightly open elsewhere costs less; the paper's global β range, 0.4–0.6, also lies below its local 0.6–0.75).
 
 Where there is no gap (the trigger's ``s`` does not rise above every other token's, e.g. after too few steps) the
-paper's values are kept and the choice says so. Tokens *after* the trigger in the held-out prompts are reported
-apart (``s_following``): a causal text encoder copies the trigger into them, so the gate may open there too.
+paper's values are kept and the choice says so.
 """
 from __future__ import annotations
 
@@ -56,8 +57,13 @@ class GateChoice:
     chosen: bool
 
     @property
+    def shut_high(self) -> float:
+        """The highest s where the gate must stay shut: without the trigger, or after it."""
+        return max(self.other_high, self.following_high)
+
+    @property
     def gap(self) -> float:
-        return self.trigger_low - self.other_high
+        return self.trigger_low - self.shut_high
 
     def describe(self, trigger: str) -> str:
         """One console line: what was measured and what was chosen."""
@@ -65,9 +71,9 @@ class GateChoice:
                     f"prompts), at other tokens up to {self.other_high:.2f}, after the trigger up to "
                     f"{self.following_high:.2f}")
         if not self.chosen:
-            return (f"gate for '{trigger}': {measured}; no gap between trigger and other tokens, so the paper's gate "
-                    f"is kept (β {self.beta_local:g}, τ {self.tau_local:g} local; β {self.beta_global:g} global): "
-                    "train more steps, or set beta on Apply")
+            return (f"gate for '{trigger}': {measured}; no gap between the trigger and the other tokens, so the "
+                    f"paper's gate is kept (β {self.beta_local:g}, τ {self.tau_local:g} local; β {self.beta_global:g} "
+                    "global): train more steps, or set beta on Apply")
         return (f"gate for '{trigger}': {measured} → β {self.beta_local:.2f}, τ {self.tau_local:.3f} (local lock); "
                 f"β {self.beta_global:.2f} (global lock)")
 
@@ -80,7 +86,7 @@ class GateChoice:
     def summary(self) -> str:
         """How the recommendation was made, for the concept file's info."""
         source = "measured" if self.chosen else "the paper's (no gap)"
-        return f"{source}: s at the trigger >= {self.trigger_low:.3f}, at other tokens <= {self.other_high:.3f}"
+        return f"{source}: s at the trigger >= {self.trigger_low:.3f}, at other tokens <= {self.shut_high:.3f}"
 
 
 def caption_sample(captions: list[str], count: int = 256) -> list[str]:
@@ -115,7 +121,7 @@ def choose_gate(concept: Concept, encode: Callable[[list[str], str, Tensor], tup
     plain = captions + [p.format(concept.superclass) for p in prompts]
     s_other = torch.cat([s(encode_plain(plain[k:k + batch_size])).flatten() for k in range(0, len(plain), batch_size)])
     low, other, after = float(s_trigger.min()), float(s_other.max()), float(s_context[following].max())
-    chosen = gate_from_gap(low, other)
+    chosen = gate_from_gap(low, max(other, after))
     if chosen is None:
         (beta_local, tau_local), (beta_global, tau_global) = concept.recommended(LOCAL), concept.recommended(GLOBAL)
     else:

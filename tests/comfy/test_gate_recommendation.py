@@ -17,7 +17,9 @@ def test_training_saves_the_measured_gate_and_says_so(comfy, small_checkpoint, p
     saved = comfy.pack.perfusion_ops.concept_file.load_concept(comfy.layout.folder("perfusion") / "gaty.safetensors")
     assert saved.recommended("local") == pytest.approx(concept.recommended("local"), abs=1e-6)
     assert saved.recommended("global") == pytest.approx(concept.recommended("global"), abs=1e-6)
-    low, high = (float(x) for x in re.search(r"s at 'gaty' (-?[\d.]+)–.*other tokens up to (-?[\d.]+)", line).groups())
+    low, other, after = (float(x) for x in re.search(
+        r"s at 'gaty' (-?[\d.]+)–.*other tokens up to (-?[\d.]+), after the trigger up to (-?[\d.]+)", line).groups())
+    high = max(other, after)  # where the gate must stay shut
     info = re.search(r"s at the trigger >= (-?[\d.]+), at other tokens <= (-?[\d.]+)", saved.info["gate"]).groups()
     assert [float(x) for x in info] == pytest.approx([low, high], abs=0.006)
     if saved.info["gate"].startswith("measured"):  # a gap: β in its middle, and the line names it

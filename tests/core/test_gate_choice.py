@@ -60,19 +60,31 @@ def test_no_gap_gives_no_gate(low, high):
     assert gate_from_gap(low, high) is None
 
 
-def test_choose_gate_measures_the_trigger_the_other_tokens_and_what_follows_the_trigger():
+@pytest.mark.parametrize("following, shut", [([0.3, 0.2], 0.4), ([0.8, 0.6], 0.8)])
+def test_choose_gate_keeps_it_shut_at_other_tokens_and_after_the_trigger(following, shut):
+    """The gate must stay shut at the captions' tokens and at the tokens after the trigger (a causal encoder copies
+    it there), whichever is higher."""
     concept = axis_concept()
-    encode, encode_plain = fake_encoders([1.1, 0.9, 1.3], [0.8, 0.6], [0.1, 0.4, -0.2])
+    encode, encode_plain = fake_encoders([1.1, 0.9, 1.3], following, [0.1, 0.4, -0.2])
     choice = choose_gate(concept, encode, encode_plain, ["a caption", "another"], prompts=("a {}", "b {}", "c {}"))
     assert choice.chosen
-    assert (choice.trigger_low, choice.other_high, choice.following_high) == pytest.approx((0.9, 0.4, 0.8))
+    assert (choice.trigger_low, choice.other_high, choice.following_high) == pytest.approx((0.9, 0.4, max(following)))
+    assert choice.shut_high == pytest.approx(shut) and choice.gap == pytest.approx(0.9 - shut)
     assert choice.trigger_mean == pytest.approx(1.1)
-    assert (choice.beta_local, choice.beta_global) == pytest.approx(gate_from_gap(0.9, 0.4)[:2])
+    assert (choice.beta_local, choice.beta_global) == pytest.approx(gate_from_gap(0.9, shut)[:2])
     assert choice.fields() == {"beta_local": choice.beta_local, "tau_local": choice.tau_local,
                                "beta_global": choice.beta_global, "tau_global": choice.tau_local}
     line = choice.describe("hugsy")
-    assert "s at 'hugsy' 0.90–1.10" in line and "other tokens up to 0.40" in line and "β 0.65" in line, line
-    assert choice.summary.startswith("measured: s at the trigger >= 0.900")
+    assert "s at 'hugsy' 0.90–1.10" in line and "other tokens up to 0.40" in line, line
+    assert f"after the trigger up to {max(following):.2f}" in line and f"β {(0.9 + shut) / 2:.2f}" in line, line
+    assert choice.summary == f"measured: s at the trigger >= 0.900, at other tokens <= {shut:.3f}"
+
+
+def test_a_trigger_copied_into_later_tokens_above_itself_leaves_no_gap():
+    concept = axis_concept()
+    encode, encode_plain = fake_encoders([0.6, 0.7], [0.65], [0.2])
+    choice = choose_gate(concept, encode, encode_plain, ["x"], prompts=("a {}", "b {}"))
+    assert not choice.chosen and choice.other_high == pytest.approx(0.2) and choice.gap < 0
 
 
 def test_without_a_gap_the_paper_gate_is_kept_and_the_line_says_what_to_do():
