@@ -71,9 +71,12 @@ class GateChoice:
                     f"prompts), at other tokens up to {self.other_high:.2f}, after the trigger up to "
                     f"{self.following_high:.2f}")
         if not self.chosen:
-            return (f"gate for '{trigger}': {measured}; no gap between the trigger and the other tokens, so the "
-                    f"paper's gate is kept (β {self.beta_local:g}, τ {self.tau_local:g} local; β {self.beta_global:g} "
-                    "global): train more steps, or set beta on Apply")
+            copied = self.other_high < self.trigger_low - MIN_GAP  # only the words after the trigger close the gap
+            why = ("the words after the trigger carry it as strongly as the trigger itself (the text encoder is causal)"
+                   if copied else "the trigger does not stand out from other words yet: train more steps")
+            return (f"gate for '{trigger}': {measured}; no gap: {why}. The paper's gate is kept (β "
+                    f"{self.beta_local:g}, τ {self.tau_local:g} local; β {self.beta_global:g} global); set beta on "
+                    "Apply to choose another")
         return (f"gate for '{trigger}': {measured} → β {self.beta_local:.2f}, τ {self.tau_local:.3f} (local lock); "
                 f"β {self.beta_global:.2f} (global lock)")
 

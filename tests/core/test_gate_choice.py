@@ -85,6 +85,7 @@ def test_a_trigger_copied_into_later_tokens_above_itself_leaves_no_gap():
     encode, encode_plain = fake_encoders([0.6, 0.7], [0.65], [0.2])
     choice = choose_gate(concept, encode, encode_plain, ["x"], prompts=("a {}", "b {}"))
     assert not choice.chosen and choice.other_high == pytest.approx(0.2) and choice.gap < 0
+    assert "no gap: the words after the trigger carry it as strongly as the trigger itself" in choice.describe("x")
 
 
 def test_without_a_gap_the_paper_gate_is_kept_and_the_line_says_what_to_do():
@@ -94,7 +95,7 @@ def test_without_a_gap_the_paper_gate_is_kept_and_the_line_says_what_to_do():
     assert not choice.chosen
     assert (choice.beta_local, choice.tau_local) == concept.recommended("local")
     assert (choice.beta_global, choice.tau_global) == concept.recommended("global")
-    assert "no gap" in choice.describe("hugsy") and "train more steps" in choice.describe("hugsy")
+    assert "no gap: the trigger does not stand out from other words yet: train more steps" in choice.describe("hugsy")
 
 
 def test_superclass_prompts_count_as_other_tokens():
