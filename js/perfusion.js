@@ -346,12 +346,13 @@ function showInfo(node) {
 }
 
 function setRecommended(node, lock) {
+  // copies the file's β/τ into the widgets and makes the widgets count (gate), so they can be tuned from there
   const { entry } = conceptOf(node);
   if (entry?.state !== "ok" || entry.data.pending) return;
   const c = entry.data;
-  for (const [key, value] of [["beta", c[`beta_${lock}`]], ["tau", c[`tau_${lock}`]]]) {
+  for (const [key, value] of [["beta", c[`beta_${lock}`]], ["tau", c[`tau_${lock}`]], ["gate", OWN_GATE]]) {
     const w = widget(node, key);
-    if (w && typeof value === "number") {
+    if (w && value !== undefined) {
       w.value = value;
       w.callback?.(value, app.canvas, node);
     }
@@ -485,8 +486,8 @@ app.registerExtension({
     nodeType.prototype.onConfigure = function (info) {
       const r = onConfigure?.apply(this, arguments);
       const gate = this.widgets?.find((w) => w.name === "gate");
-      const saved = info?.widgets_values?.[this.widgets.indexOf(gate)];
-      if (gate && Array.isArray(info.widgets_values) && !(gate.options?.values ?? []).includes(saved)) {
+      const values = info?.widgets_values;
+      if (gate && Array.isArray(values) && !(gate.options?.values ?? []).includes(values[this.widgets.indexOf(gate)])) {
         gate.value = OWN_GATE;
       }
       return r;

@@ -297,14 +297,25 @@ class PerfusionTrainConcept:
             previews = None if prompts is None else Previews(host, vae, trigger, prompts, latents.shape[1:], seed)
             progress = TrainingProgress(trainer, unique_id, checkpoint_every, file_name, previews, preview_every)
             result = run(trainer, draw, on_step=progress)
-            choice = choose_gate(result.concept, host.encode, host.encode_plain, caption_sample(captions))
-        log.info("[perfusion] %s", choice.describe(trigger))
-        concept = replace(result.concept, **choice.fields(), info={**result.concept.info, "gate": choice.summary})
+            concept = with_measured_gate(result.concept, host, captions)
         path = save_concept(concept, os.path.join(save_dir(), file_name))
         progress.finish()
         log.info("[perfusion] saved %s (%.1f KB)", path, path.stat().st_size / 1024)
         return {"ui": {"text": [f"saved {path.name}"]},
                 "result": (concept, loss_chart(result.losses, trainer.first_logged))}
+
+
+def with_measured_gate(concept, host: ComfyTrainingHost, captions: list[str]):
+    """``concept`` with the gate measured for it (perfusion_ops/gate_choice.py), said in the console. A measurement
+    that fails keeps the paper's gate: it must never cost the training it follows."""
+    try:
+        choice = choose_gate(concept, host.encode, host.encode_plain, caption_sample(captions))
+    except Exception as err:  # noqa: BLE001 (any failure: the trained concept is saved all the same)
+        log.warning("[perfusion] measuring the gate of '%s' failed (%s: %s): the paper's gate is kept", concept.trigger,
+                    type(err).__name__, err)
+        return replace(concept, info={**concept.info, "gate": "the paper's (not measured)"})
+    log.info("[perfusion] %s", choice.describe(concept.trigger))
+    return replace(concept, **choice.fields(), info={**concept.info, "gate": choice.summary})
 
 
 class TrainingProgress:
@@ -337,10 +348,11 @@ class TrainingProgress:
             except torch.cuda.OutOfMemoryError:  # a preview must never cost the training
                 log.warning("[perfusion] out of memory rendering the previews at step %d: previews are off for the "
                             "rest of this run (no %s); training goes on", step, os.path.basename(self.image))
-                self.previews, renders = None, []
-                comfy.model_management.soft_empty_cache()
+                self.previews, renders = None, None
             else:
                 send("perfusion.preview", {"node": self.node_id, "step": step, "images": data_urls(renders)})
+            if renders is None:  # outside the handler, whose traceback still holds the failed render's tensors
+                comfy.model_management.soft_empty_cache()
         preview = None
         if rendered or step % self.chart_every == 0 or step == self.steps:  # the node's live preview
             renders = self.previews.images if self.previews is not None else []

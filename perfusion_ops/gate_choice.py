@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .concept import Concept
-from .settings import GLOBAL, LOCAL
+from .settings import BETA, GLOBAL, LOCAL
 from .stack import similarity
 
 # Prompts training never sees (App. G's evaluation style: a new scene, a new style, a second object); "{}" is the word.
@@ -75,8 +75,8 @@ class GateChoice:
             why = ("the words after the trigger carry it as strongly as the trigger itself (the text encoder is causal)"
                    if copied else "the trigger does not stand out from other words yet: train more steps")
             return (f"gate for '{trigger}': {measured}; no gap: {why}. The paper's gate is kept (β "
-                    f"{self.beta_local:g}, τ {self.tau_local:g} local; β {self.beta_global:g} global); set beta on "
-                    "Apply to choose another")
+                    f"{self.beta_local:g}, τ {self.tau_local:g} local; β {self.beta_global:g} global); to choose "
+                    "another, set Apply's gate to 'beta and tau widgets'")
         return (f"gate for '{trigger}': {measured} → β {self.beta_local:.2f}, τ {self.tau_local:.3f} (local lock); "
                 f"β {self.beta_global:.2f} (global lock)")
 
@@ -94,7 +94,9 @@ class GateChoice:
 
 def caption_sample(captions: list[str], count: int = 256) -> list[str]:
     """``count`` captions spread evenly over ``captions`` (deterministic: the same corpus gives the same gate)."""
-    return list(captions[:: max(1, len(captions) // count)][:count])
+    if len(captions) <= count:
+        return list(captions)
+    return [captions[k * len(captions) // count] for k in range(count)]
 
 
 def gate_from_gap(trigger_low: float, other_high: float) -> tuple[float, float, float] | None:
@@ -104,7 +106,8 @@ def gate_from_gap(trigger_low: float, other_high: float) -> tuple[float, float, 
     if not gap >= MIN_GAP:  # also NaN
         return None
     tau = min(max(gap / (2 * math.log(OPEN / (1 - OPEN))), TAU_RANGE[0]), TAU_RANGE[1])
-    return other_high + gap / 2, other_high + GLOBAL_SHARE * gap, tau
+    beta_local, beta_global = other_high + gap / 2, other_high + GLOBAL_SHARE * gap
+    return (beta_local, beta_global, tau) if beta_local in BETA and beta_global in BETA else None
 
 
 @torch.no_grad()
@@ -114,16 +117,18 @@ def choose_gate(concept: Concept, encode: Callable[[list[str], str, Tensor], tup
     """Measure ``s`` of ``concept`` and choose its gate. ``encode(prompts, trigger, embedding)`` is the training
     host's (context and the trigger's encodings), ``encode_plain`` encodes prompts without the trigger; ``captions``
     is a sample of ordinary captions and ``prompts`` the held-out templates ("{}" is the word)."""
-    i, q = concept.target_input.float()[None], concept.target_key.float()[None]
-    s = lambda e: similarity(e.float().to(i.device), i, q)[..., 0]  # noqa: E731
     held_out = [p.format(concept.trigger) for p in prompts]
     context, at_trigger = encode(held_out, concept.trigger, concept.embedding)
+    context, at_trigger = context.float(), at_trigger.float().to(context.device)
+    i, q = (t.float().to(context.device)[None] for t in (concept.target_input, concept.target_key))
+    s = lambda e: similarity(e.float().to(i.device), i, q)[..., 0]  # noqa: E731
     s_context, s_trigger = s(context), s(at_trigger)
-    slots = (context.float() - at_trigger[:, None].float()).norm(dim=-1).argmin(1)  # the trigger's position
+    slots = (context - at_trigger[:, None]).norm(dim=-1).argmin(1)  # the trigger's position
     following = torch.arange(s_context.shape[1], device=slots.device)[None] > slots[:, None]
     plain = captions + [p.format(concept.superclass) for p in prompts]
     s_other = torch.cat([s(encode_plain(plain[k:k + batch_size])).flatten() for k in range(0, len(plain), batch_size)])
-    low, other, after = float(s_trigger.min()), float(s_other.max()), float(s_context[following].max())
+    after = float(s_context[following].max()) if bool(following.any()) else -math.inf
+    low, other = float(s_trigger.min()), float(s_other.max())
     chosen = gate_from_gap(low, max(other, after))
     if chosen is None:
         (beta_local, tau_local), (beta_global, tau_global) = concept.recommended(LOCAL), concept.recommended(GLOBAL)

@@ -17,7 +17,8 @@ class Range:
     low: float
     high: float
     low_open: bool = False
-    step: float = 0.01  # the widget's step
+    step: float = 0.01  # the widget's arrow step
+    precision: float = 0.001  # what the widget rounds to: a measured gate (τ 0.045) must survive being typed in
 
     def __contains__(self, value: float) -> bool:
         """True for a finite ``value`` inside the range (NaN and ±inf never are)."""
@@ -28,9 +29,10 @@ class Range:
         return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
 
     def widget(self, default: float, tooltip: str) -> tuple[str, dict]:
-        """ComfyUI's FLOAT input spec; an open low end starts one step above it."""
-        low = self.low + self.step if self.low_open else self.low
-        return ("FLOAT", {"default": default, "min": low, "max": self.high, "step": self.step, "tooltip": tooltip})
+        """ComfyUI's FLOAT input spec; an open low end starts at the widget's precision above it."""
+        low = self.low + self.precision if self.low_open else self.low
+        return ("FLOAT", {"default": default, "min": low, "max": self.high, "step": self.step,
+                          "round": self.precision, "tooltip": tooltip})
 
 
 BETA = Range(-1.0, 2.0)  # gate bias; s(i) = 1 at the concept itself

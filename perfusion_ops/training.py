@@ -77,7 +77,7 @@ class TrainSettings:
     def run_ema_decay(self) -> float:
         """The decay the ``i`` EMA uses in this run: ``ema_decay``, lowered where needed so that ``e_sup``'s share of
         ``i`` after the run's ``n = steps·grad_accum`` updates, ``decay^n``, is at most ``EMA_START_SHARE``. With 0.99
-        a 30-step run would leave ``i`` three quarters ``e_sup``: the gate would open at the superclass word as
+        30 updates would leave ``i`` three quarters ``e_sup``: the gate would open at the superclass word as
         widely as at the trigger, for every β. The paper's 400 × 4 updates keep 0.99 (0.99¹⁶⁰⁰ ≈ 10⁻⁷)."""
         return min(self.ema_decay, EMA_START_SHARE ** (1 / (self.steps * self.grad_accum)))
 

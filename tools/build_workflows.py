@@ -363,7 +363,8 @@ def multi_concept(info) -> dict:
         "hugsy (a teddy) and zorbo (e.g. a teapot) were trained separately with train_concept.json. Chain "
         "one Perfusion Apply per concept: the result is one joint edit, each concept with its own β/τ.\n"
         "• Use both trigger words in the prompt.\n"
-        "• If one concept dominates, raise its β (or lower the other's). Applying the same concept twice "
+        "• Each Apply uses its concept's recommended β/τ (gate). If one concept dominates, set its gate to "
+        "'beta and tau widgets' and raise its beta (or lower the other's). Applying the same concept twice "
         "replaces it.",
         0, 40, width=420, title="Note: two concepts")
     ckpt = wf.add("CheckpointLoaderSimple", 0, ckpt_name=SD15)
@@ -372,7 +373,7 @@ def multi_concept(info) -> dict:
     a = wf.add("PerfusionApply", 1, 40, title="Apply hugsy", model=ckpt["MODEL"],
                clip=ckpt["CLIP"], concept=hugsy["concept"], beta=0.7, tau=0.15, lock="local")
     b = wf.add("PerfusionApply", 1, title="Apply zorbo", model=a["MODEL"], clip=a["CLIP"],
-               concept=zorbo["concept"], beta=0.65, tau=0.15, lock="local")
+               concept=zorbo["concept"], beta=0.7, tau=0.15, lock="local")
     pos = wf.add("CLIPTextEncode", 2, 40, title="Prompt (positive)", size=(400, 140), clip=b["CLIP"],
                  text="a hugsy sailing inside a zorbo on a calm lake, golden hour")
     neg = wf.add("CLIPTextEncode", 2, title="Negative", size=(400, 110), clip=b["CLIP"], text=NEGATIVE)

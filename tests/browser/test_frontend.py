@@ -252,7 +252,8 @@ def test_ui_trains_with_live_chart_toast_and_labels_concepts(request, renderer, 
         assert drawn["panel"]["lines"][1]["color"] == MEAN_BLUE, drawn["panel"]
     assert load["lines"][2].startswith("7 layers · ") and load["lines"][2].endswith("KB · keys locked")
     assert apply["lines"][2] == f"from {trained}.safetensors"
-    assert result["labels"]["menu"] == {"beta": 0.5, "tau": 0.15}  # "recommended β/τ (global lock)" from the menu
+    # "recommended β/τ (global lock)" from the menu: the file's values in the widgets, which now count
+    assert result["labels"]["menu"] == {"beta": 0.5, "tau": 0.15, "gate": OWN_GATE}
 
     # a corrupt file: its error in red, on Load Concept and on Apply
     for drawn in result["labels"]["corrupt"].values():

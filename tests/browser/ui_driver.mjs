@@ -329,7 +329,8 @@ async function recommendedFromMenu(applyId) {
   await settle();
   await page.keyboard.press("Escape");
   return { beta: await inPage((n) => window.__perfusion.widget(n, "beta"), applyId),
-           tau: await inPage((n) => window.__perfusion.widget(n, "tau"), applyId) };
+           tau: await inPage((n) => window.__perfusion.widget(n, "tau"), applyId),
+           gate: await inPage((n) => window.__perfusion.widget(n, "gate"), applyId) };
 }
 
 try {

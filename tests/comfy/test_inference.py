@@ -288,7 +288,7 @@ def test_bad_input_is_a_node_error_and_the_server_keeps_serving(server, case, co
     concepts = {"width": [("sd2-concept.safetensors", 0.7, 0.15)], "corrupt": [("corrupt.safetensors", 0.7, 0.15)],
                 "missing": [("nope.safetensors", 0.7, 0.15)], "tau0": [("hugsy.safetensors", 0.7, 0.0)]}[case]
     expected = {"width": "SD2.x", "corrupt": "truncated or not a safetensors", "missing": "nope.safetensors",
-                "tau0": "smaller than min of 0.01"}[case]  # τ = 0: ComfyUI's own validation, from τ's range
+                "tau0": "smaller than min of 0.001"}[case]  # τ = 0: ComfyUI's own validation, from τ's range
     with pytest.raises(Exception) as failure:
         server.run(sampling_graph(ckpt, PROMPT.format("hugsy"), concepts, steps=1))
     assert expected in str(failure.value), str(failure.value)[:2000]

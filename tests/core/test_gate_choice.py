@@ -55,7 +55,7 @@ def test_tau_stays_in_its_range(low, high, tau):
     assert gate_from_gap(low, high)[2] == tau  # unclamped: 0.010 and 1.02
 
 
-@pytest.mark.parametrize("low, high", [(0.5, 0.5), (0.5, 0.7), (0.52, 0.5), (float("nan"), 0.2)])
+@pytest.mark.parametrize("low, high", [(0.5, 0.5), (0.5, 0.7), (0.52, 0.5), (float("nan"), 0.2), (5.0, 2.5)])
 def test_no_gap_gives_no_gate(low, high):
     assert gate_from_gap(low, high) is None
 
@@ -107,7 +107,8 @@ def test_superclass_prompts_count_as_other_tokens():
 
 
 def test_caption_sample_spreads_over_the_corpus():
-    assert caption_sample([str(k) for k in range(10)], 4) == ["0", "2", "4", "6"]
+    assert caption_sample([str(k) for k in range(10)], 4) == ["0", "2", "5", "7"]
+    assert caption_sample([str(k) for k in range(300)], 256)[-1] == "298"  # spread to the end, not the first 256
     assert caption_sample(["a", "b"], 256) == ["a", "b"]
 
 

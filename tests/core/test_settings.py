@@ -22,7 +22,8 @@ def test_a_widget_never_offers_a_value_its_range_refuses():
     for r in (BETA, TAU, STRENGTH, Range(0.5, 1.0, low_open=True, step=0.1)):
         kind, spec = r.widget(r.high, "tip")
         assert kind == "FLOAT" and spec["min"] in r and spec["max"] in r and spec["tooltip"] == "tip"
-    assert TAU.widget(0.15, "")[1]["min"] == 0.01  # ComfyUI's τ widget once allowed 0, which the core refuses
+    assert TAU.widget(0.15, "")[1]["min"] == 0.001  # ComfyUI's τ widget once allowed 0, which the core refuses
+    assert TAU.widget(0.15, "")[1]["round"] == 0.001  # a measured τ such as 0.045 is not rounded to 0.05
 
 
 def test_paper_gates_lie_in_their_ranges_and_the_edit_locks_are_user_locks():
