@@ -21,7 +21,6 @@ Writes under --out: results.md (tables), results.json, pareto.png, samples.png, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys

@@ -168,9 +168,9 @@ def main(argv=None) -> int:
         f"- concept file: `{concept_file.name}`, {concept_file.stat().st_size / 1024:.1f} KB",
         f"- gate: {concept.info.get('gate', '?')} → recommended β {concept.beta_local:.3f}, τ {concept.tau_local:.3f} "
         f"(local lock), β {concept.beta_global:.3f} (global lock)",
-        f"- renders: " + "; ".join(f"`{prompt}` ({'recommended gate' if beta is None else f'β {beta}'})"
+        "- renders: " + "; ".join(f"`{prompt}` ({'recommended gate' if beta is None else f'β {beta}'})"
                                    for prompt, beta in renders),
-        f"- files: " + ", ".join(p.name for p in written),
+        "- files: " + ", ".join(p.name for p in written),
         f"- total: {time.perf_counter() - started:.1f} s",
     ]) + "\n")
     print(summary.read_text())

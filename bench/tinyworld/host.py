@@ -15,7 +15,7 @@ from torch import Tensor
 
 from perfusion_ops.concept import Concept
 from perfusion_ops.edit import AppliedConcept, JointEdit
-from perfusion_ops.training import TEMPLATES, Sample, TrainSettings, Trainer, masked_noise_loss, add_noise, prompts_for, run
+from perfusion_ops.training import Sample, TrainSettings, Trainer, masked_noise_loss, add_noise, prompts_for, run
 
 from . import render as R
 from .model import TinyUNet, cosine_alphas_cumprod, ddim_sample, fold

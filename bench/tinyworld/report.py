@@ -59,7 +59,7 @@ def tables(results: dict) -> list[str]:
               f"- pooled lock_gain = {s['lock_gain']:+.3f} ± {s['lock_gain_se']:.3f} (images: "
               f"{s['lock_gain_se_images']:.3f}, runs: {s['lock_gain_se_runs']:.3f})",
               f"- per run: {' / '.join(f'{g:+.3f}' for g in s['lock_gain_runs'])}",
-              f"- highest fidelity on each front: " + ", ".join(f"{k} {v:.3f}" for k, v in s["front_fidelity_reach"].items()),
+              "- highest fidelity on each front: " + ", ".join(f"{k} {v:.3f}" for k, v in s["front_fidelity_reach"].items()),
               f"- verdict: **{s['lock_verdict']}**", ""]
     au = s["automatic_beta"]
     lines += ["## Automatic β (the gate Train Concept recommends)", "",

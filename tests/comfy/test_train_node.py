@@ -1,7 +1,6 @@
 """Perfusion Train Concept in a real ComfyUI, on the small random SD1.5 checkpoint and real photos."""
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
