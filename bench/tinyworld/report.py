@@ -173,7 +173,8 @@ def pareto_png(points: list[dict], per_run: list[dict], path: Path) -> None:
             if p["beta"] is not None:
                 d.text((x + 7, y - 12), f"b={p['beta']}", fill=colour)
         d.rectangle([m + 10, legend_y, m + 20, legend_y + 10], fill=colour)
-        d.text((m + 25, legend_y - 2), f"{method} ({model})", fill="black")
+        label = f"{method} ({model})".replace("β", "beta")  # PIL's default font has no β
+        d.text((m + 25, legend_y - 2), label, fill="black")
         legend_y += 16
     img.save(path)
 
