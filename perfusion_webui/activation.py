@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from perfusion_ops.concept import Concept, ConceptError
 from perfusion_ops.edit import AppliedConcept, JointEdit
-from perfusion_ops.prompt_tags import PerfusionTag, check_unique, format_infotext
+from .prompt_tags import PerfusionTag, check_unique, format_infotext
 
 from .library import ConceptLibrary
 

@@ -98,10 +98,6 @@ class HookedEdit:
         """How many cross-attention layer calls the edit has changed since it was installed (V calls)."""
         return sum(p.calls for (_, path), p in self.projections.items() if path == "v")
 
-    @property
-    def active(self) -> bool:
-        return bool(self.handles)
-
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()

@@ -23,7 +23,7 @@ from pathlib import Path
 from modules import extra_networks, script_callbacks, scripts, shared
 
 from perfusion_ops.concept import ConceptError
-from perfusion_ops.prompt_tags import NETWORK, TagError, parse_infotext, restore_prompt, tag_from_items
+from .prompt_tags import NETWORK, TagError, parse_infotext, restore_prompt, tag_from_items
 
 from .activation import Activation, activate
 from .forge_patches import install as install_forge

@@ -70,7 +70,3 @@ class KeyContexts:
                     self.matched_rows += 1
                     break
         return context if out is None else out
-
-    def clear(self) -> None:
-        self.pairs.clear()
-        self._cache.clear()

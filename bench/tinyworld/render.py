@@ -9,7 +9,7 @@ caption, and is then drawn at random, so "a photo of a square" means "some squar
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -193,7 +193,3 @@ def render_batch(scenes: list[Scene], seed: int, jitter: float = 1.5, outline: b
     rng = np.random.default_rng(seed)
     out = [render(s, rng, jitter, outline) for s in scenes]
     return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
-
-
-def with_background(scene: Scene, background: str) -> Scene:
-    return replace(scene, background=background)

@@ -6,7 +6,7 @@ import torch
 
 from perfusion_ops.concept import ConceptError
 from perfusion_ops.concept_file import save_concept
-from perfusion_ops.prompt_tags import PerfusionTag, TagError, parse_infotext
+from perfusion_webui.prompt_tags import PerfusionTag, TagError, parse_infotext
 from perfusion_webui.activation import activate, replace_words
 from perfusion_webui.library import ConceptLibrary
 from perfusion_webui.monitor import GateMonitor

@@ -1,7 +1,7 @@
 """The ``<perfusion:...>`` tag parser (host-agnostic; the webui splits a tag's text at ':' the same way)."""
 import pytest
 
-from perfusion_ops.prompt_tags import (
+from perfusion_webui.prompt_tags import (
     PerfusionTag, TagError, format_infotext, format_tag, parse_infotext, parse_prompt, parse_tag, restore_prompt,
     strip_tags, tag_from_items,
 )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .settings import BETA, LOCAL, LOCKS, STRENGTH, TAU
+from perfusion_ops.settings import BETA, LOCAL, LOCKS, STRENGTH, TAU
 
 NETWORK = "perfusion"
 TAG = re.compile(r"<perfusion:([^>]*)>")  # the webui's own pattern is <(\w+):([^>]+)>, case-sensitive
