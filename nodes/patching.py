@@ -16,9 +16,9 @@ PATCH_KEY = "diffusion_model.{layer}.{module}.forward"
 class PatchedForward:
     """The edited forward of one host projection, remembering the scheduled joint edit it belongs to."""
 
-    def __init__(self, edit: ScheduledEdit, layer: str, path: str, module):
+    def __init__(self, edit: ScheduledEdit, layer: str, kv: str, module):
         self.edit = edit
-        self.projection = edit.projection(layer, path, lambda x: type(module).forward(module, x))
+        self.projection = edit.projection(layer, kv, lambda x: type(module).forward(module, x))
 
     def __call__(self, x, *args, **kwargs):
         return self.projection(x)

@@ -164,8 +164,8 @@ class ComfyTrainingHost:
         return embedding, context[0, last]
 
     # -- UNet ----------------------------------------------------------------------------------------------
-    def project(self, layer, path):
-        module = self._modules[layer, path]
+    def project(self, layer, kv):
+        module = self._modules[layer, kv]
         return lambda x: type(module).forward(module, x.to(self.dtype))
 
     @contextlib.contextmanager

@@ -84,13 +84,13 @@ class JointEdit:
         self.shared = SharedContext(stack, torch.stack([c.superclass_encoding for c in concepts]))
         self.locked = torch.tensor([entry.lock == LOCAL for entry in self.active])
 
-    def targets(self, layer: str, path: str) -> torch.Tensor:
-        """Stored target outputs ``(J, out)`` of the active concepts' ``layer`` for ``path`` 'k' or 'v' (zeros where
+    def targets(self, layer: str, kv: str) -> torch.Tensor:
+        """Stored target outputs ``(J, out)`` of the active concepts' ``layer`` for ``kv`` 'k' or 'v' (zeros where
         K is locked)."""
         rows = []
         for entry in self.active:
             c = entry.concept
-            if path == "v":
+            if kv == "v":
                 rows.append(c.value_outputs[layer])
             elif entry.lock == TRAINED_K:
                 rows.append(c.key_outputs[layer])
@@ -98,13 +98,13 @@ class JointEdit:
                 rows.append(torch.zeros_like(c.value_outputs[layer]))
         return torch.stack(rows)
 
-    def projection(self, layer: str, path: str, project: Projection) -> Projection:
-        """The edited forward of ``layer``'s ``to_k`` (``path='k'``) or ``to_v`` (``'v'``) around ``project``;
+    def projection(self, layer: str, kv: str, project: Projection) -> Projection:
+        """The edited forward of ``layer``'s ``to_k`` (``kv='k'``) or ``to_v`` (``'v'``) around ``project``;
         ``project`` itself when every concept is at strength 0."""
         if not self.active:
             return project
-        locked = self.locked if path == "k" else None
-        return EditedProjection(project, self.shared, self.targets(layer, path), locked)
+        locked = self.locked if kv == "k" else None
+        return EditedProjection(project, self.shared, self.targets(layer, kv), locked)
 
 
 class ScheduledEdit:
@@ -140,11 +140,11 @@ class ScheduledEdit:
                                                     for entry, flag in zip(self.applied, self.in_range)])
         return self._edits[self.in_range]
 
-    def projection(self, layer: str, path: str, project: Projection) -> Projection:
+    def projection(self, layer: str, kv: str, project: Projection) -> Projection:
         """The edited forward of ``layer``'s ``to_k``/``to_v`` around ``project``, following :meth:`select`."""
         def forward(x):
-            key = (self.in_range, layer, path)
+            key = (self.in_range, layer, kv)
             if key not in self._projections:
-                self._projections[key] = self.edit().projection(layer, path, project)
+                self._projections[key] = self.edit().projection(layer, kv, project)
             return self._projections[key](x)
         return forward

@@ -18,7 +18,8 @@ Projection = Callable[[Tensor], Tensor]
 
 class Prepared(NamedTuple):
     rows: Tensor  # (n + J, D) host dtype: the n remainders e⊥, then the J superclass encodings e_sup
-    gates: Tensor  # (n, J) float32
+    gates: Tensor  # (n, J) float32: the gates g of Eq. 3
+    weights: Tensor  # (n, J) float32: what multiplies each o_j, strength · g
     count: int  # n, the number of token encodings in the context
 
 
@@ -35,13 +36,14 @@ class SharedContext:
     while cached; a few slots cover CFG runs that send cond and uncond separately.
     """
 
-    def __init__(self, stack: ConceptStack, superclass_encodings: Tensor, slots: int = 4):
-        if superclass_encodings.shape != stack.inputs.shape:
+    def __init__(self, stack: ConceptStack, e_sup: Tensor, slots: int = 4):
+        if e_sup.shape != stack.inputs.shape:
             raise ValueError("need one superclass encoding per concept, of the text width")
         self.stack = stack
-        self.anchors = superclass_encodings.detach().float()
+        self.e_sup = e_sup.detach().float()
         self.slots = slots
         self._cache: OrderedDict[tuple, tuple[Tensor, Prepared]] = OrderedDict()
+        self.observers: list[Callable[[Prepared], None]] = []  # told of each newly prepared context (monitors)
 
     def prepare(self, context: Tensor) -> Prepared:
         """``e⊥`` (Eq. 10) and gates (Eq. 3) of every token of ``context`` ``(..., D)``, computed once per context."""
@@ -50,13 +52,16 @@ class SharedContext:
         hit = self._cache.get(key)
         if hit is not None:
             return hit[1]
-        e_perp, gates = self.stack.split(context)
+        e_perp, gates, weights = self.stack.split(context)
         flat = e_perp.reshape(-1, e_perp.shape[-1])
-        rows = torch.cat([flat, self.anchors.to(flat.device)]).to(context.dtype)
-        prepared = Prepared(rows, gates.reshape(flat.shape[0], -1), flat.shape[0])
+        rows = torch.cat([flat, self.e_sup.to(flat.device)]).to(context.dtype)
+        n = flat.shape[0]
+        prepared = Prepared(rows, gates.reshape(n, -1), weights.reshape(n, -1), n)
         self._cache[key] = (context, prepared)
         while len(self._cache) > self.slots:
             self._cache.popitem(last=False)
+        for observe in self.observers:
+            observe(prepared)
         return prepared
 
 
@@ -83,18 +88,18 @@ class EditedProjection:
             self._device_copies[device] = (self.outputs.to(device), locked)
         return self._device_copies[device]
 
-    def target_outputs(self, anchor_outputs: Tensor) -> Tensor:
+    def target_outputs(self, e_sup_outputs: Tensor) -> Tensor:
         """``o_j`` per concept, float32 ``(J, out)``: locked rows from ``W e_sup``, others as stored."""
-        stored, locked = self._on(anchor_outputs.device)
+        stored, locked = self._on(e_sup_outputs.device)
         if locked is None:
             return stored
-        return torch.where(locked, anchor_outputs.float(), stored)
+        return torch.where(locked, e_sup_outputs.float(), stored)
 
     def __call__(self, context: Tensor) -> Tensor:
         prepared = self.shared.prepare(context)
         projected = self.project(prepared.rows)
         n = prepared.count
         targets = self.target_outputs(projected[n:])
-        h = torch.addmm(projected[:n].float(), prepared.gates, targets)
+        h = torch.addmm(projected[:n].float(), prepared.weights, targets)
         return h.to(projected.dtype).reshape(*context.shape[:-1], -1)
 

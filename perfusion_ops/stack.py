@@ -72,16 +72,17 @@ class ConceptStack:
             self._device_copies[device] = tuple(None if t is None else t.to(device) for t in tensors)
         return self._device_copies[device]
 
-    def split(self, e: Tensor) -> tuple[Tensor, Tensor]:
-        """``(e⊥, g)`` in float32: the remainder of Eq. 10 and the gates of Eq. 3, for any ``(..., D)``."""
+    def split(self, e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(e⊥, g, w)`` in float32 for any ``(..., D)``: the remainder of Eq. 10, the gates of Eq. 3, and the
+        weights of the target outputs, ``w_j = s_j g_j`` (the gates themselves at strength 1)."""
         keys, energy, beta, tau, basis, strengths = self.tensors_on(e.device)
         e = e.float()
         projections = e @ keys.T  # e·q_j
         s = projections / energy
         gates = gate(s, beta, tau) if self.gated else s
         if strengths is not None:
-            return e - (projections * strengths) @ basis, gates * strengths
-        return e - projections @ basis, gates
+            return e - (projections * strengths) @ basis, gates, gates * strengths
+        return e - projections @ basis, gates, gates
 
     def remainder(self, e: Tensor) -> Tensor:
         """``e⊥`` of Eq. 10: ``e`` less its component in span{i_j}, orthogonal to every i_j in the C⁻¹ metric."""

@@ -41,8 +41,8 @@ class TrainingHost(Protocol):
     layers: dict[str, int]  # cross-attention layer -> K/V output width
     alphas_cumprod: Tensor  # (T,) noise schedule ᾱ_t of the ε-prediction model
 
-    def project(self, layer: str, path: str) -> Projection:
-        """The frozen host projection ``W·`` of ``layer``'s ``to_k`` (path 'k') or ``to_v`` ('v')."""
+    def project(self, layer: str, kv: str) -> Projection:
+        """The frozen host projection ``W·`` of ``layer``'s ``to_k`` (kv 'k') or ``to_v`` ('v')."""
 
     def encode(self, prompts: list[str], trigger: str, vector: Tensor) -> tuple[Tensor, Tensor]:
         """``(context (B, L, D), trigger encodings (B, D))`` of prompts whose ``trigger`` word is ``vector``."""

@@ -29,10 +29,10 @@ KeyResolver = Callable[[Tensor], Tensor]  # K context from the real context (glo
 class _Projection:
     """The hook pair of one module (one layer, one path)."""
 
-    def __init__(self, edit: JointEdit, layer: str, path: str, width: int, key_context: KeyResolver | None):
+    def __init__(self, edit: JointEdit, layer: str, kv: str, width: int, key_context: KeyResolver | None):
         self.width, self.key_context = width, key_context
         self._output: Tensor | None = None
-        self.projection = edit.projection(layer, path, self._host_output)
+        self.projection = edit.projection(layer, kv, self._host_output)
         self.shared = edit.shared
         self._pending: dict[int, tuple[Tensor, Tensor]] = {}  # id(rows) -> (rows, context)
         self.calls = 0

@@ -48,8 +48,8 @@ class ToyHost(torch.nn.Module):
         context, _ = self.encode([f"a photo of {word}"], word, embedding)
         return embedding, context[0, 3]
 
-    def project(self, layer, path):
-        module = self.attn[layer][f"to_{path}"]
+    def project(self, layer, kv):
+        module = self.attn[layer][f"to_{kv}"]
         return lambda x: F.linear(x, module.weight)
 
     @contextlib.contextmanager

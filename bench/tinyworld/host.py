@@ -47,8 +47,8 @@ class TinyWorldHost:
         return embedding, context[0, slots[0][0]]
 
     # -- UNet ----------------------------------------------------------------------------------------------
-    def project(self, layer, path):
-        module = self._modules[layer, path]
+    def project(self, layer, kv):
+        module = self._modules[layer, kv]
         return lambda x: type(module).forward(module, x)
 
     @contextlib.contextmanager

@@ -24,9 +24,9 @@ def concept_rows(j, seed=0, cov=None):
     return cov, inputs, keys, outputs
 
 
-def edited(w, inputs, keys, outputs, beta=0.7, tau=0.15, gated=True, anchors=None):
+def edited(w, inputs, keys, outputs, beta=0.7, tau=0.15, gated=True, e_sup=None):
     stack = ConceptStack(inputs, keys, beta, tau, gated=gated)
-    shared = SharedContext(stack, anchors if anchors is not None else torch.zeros_like(inputs))
+    shared = SharedContext(stack, e_sup if e_sup is not None else torch.zeros_like(inputs))
     return EditedProjection(lambda x: x @ w.T, shared, outputs)
 
 
@@ -304,3 +304,20 @@ def test_lock_modes_a_concept_cannot_take_are_refused(lock, trained, message):
     concept = random_concept(layers={"a": 8}, trained_k=trained)
     with pytest.raises(ValueError, match=message):
         AppliedConcept(concept, 0.7, 0.15, lock=lock)
+
+
+def test_prepared_context_keeps_the_gates_apart_from_the_strength_and_tells_observers_once():
+    """Monitors read the gates of Eq. 3 themselves; the projection multiplies o_j by strength · gate. Observers hear
+    of each newly prepared context once, not of the cache hits of the other 31 projections."""
+    cov, inputs, keys, _ = concept_rows(2, seed=5)
+    beta, tau = torch.tensor([0.6, 0.7]), torch.tensor([0.15, 0.2])
+    stack = ConceptStack(inputs.float(), keys.float(), beta, tau, strength=[0.5, 1.5])
+    shared = SharedContext(stack, torch.zeros_like(inputs).float())
+    seen = []
+    shared.observers.append(seen.append)
+    e = sample_encodings(cov, 12, seed=6).float()
+    prepared = shared.prepare(e)
+    assert shared.prepare(e) is prepared and seen == [prepared]  # a cache hit: no second call
+    want = gate(similarity(e, inputs.float(), keys.float()), beta, tau)
+    assert torch.allclose(prepared.gates, want, atol=1e-6)
+    assert torch.allclose(prepared.weights, want * torch.tensor([0.5, 1.5]), atol=1e-6)

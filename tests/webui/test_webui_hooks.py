@@ -35,13 +35,13 @@ def context_with_triggers(cs, batch=2, tokens=20, seed=3):
     return e
 
 
-def closed_form(w, e, cs, applied, path, layer, strengths=None):
+def closed_form(w, e, cs, applied, kv, layer, strengths=None):
     """Eq. 3/4/10 in float64 from the concept tensors, independent of the core's code."""
     w, e = w.double(), e.double()
     i = torch.stack([c.target_input for c in cs]).double()
     q = torch.stack([c.target_key for c in cs]).double()
     s = torch.ones(len(cs), dtype=torch.float64) if strengths is None else torch.tensor(strengths).double()
-    if path == "v":
+    if kv == "v":
         o = torch.stack([c.value_outputs[layer] for c in cs]).double()
     else:  # local key lock: o_K = W_K e_sup from the host's weights
         o = torch.stack([c.superclass_encoding for c in cs]).double() @ w.T
