@@ -6,6 +6,7 @@ them while that clone is loaded and restores the originals when another clone of
 """
 from __future__ import annotations
 
+from ..perfusion_ops import modules
 from ..perfusion_ops.edit import AppliedConcept, ScheduledEdit
 from .keylock import install_keylock
 from .model_call import ModelCall, install_model_call
@@ -26,19 +27,12 @@ class PatchedForward:
 
 def cross_attention_layers(model) -> dict[str, int]:
     """``{layer path: inner width}`` of every cross-attention (``attn2``) layer of a ModelPatcher's UNet."""
-    unet = model.model.diffusion_model
-    return {
-        name: module.to_k.out_features
-        for name, module in unet.named_modules()
-        if name.endswith("attn2") and hasattr(module, "to_k")
-    }
+    return modules.cross_attention_layers(model.model.diffusion_model)
 
 
 def text_width(model, layers: dict[str, int]) -> int:
     """Width of the text encodings the model's cross-attention takes (768 for SD1.x)."""
-    if not layers:
-        raise ValueError("this model has no cross-attention layers to edit")
-    return model.model.diffusion_model.get_submodule(next(iter(layers))).to_k.in_features
+    return modules.text_width(model.model.diffusion_model, layers)
 
 
 def applied_concepts(model) -> list[AppliedConcept]:

@@ -14,6 +14,8 @@ import re
 
 import torch
 
+from ..perfusion_ops.words import replace_words, whole_words
+
 TRIGGER_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 TOKEN_KEY = "l"  # the CLIP-L token list of SD1.x tokenizers
 # Rare fragments that CLIP's BPE vocabulary holds as single tokens; each is checked through the host's own
@@ -34,17 +36,12 @@ def check_trigger(word: str) -> str:
     return word
 
 
-def _whole_words(words) -> re.Pattern:
-    """Whole-word, case-insensitive matches of ``words``; not inside longer words nor ``embedding:<name>``."""
-    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    return re.compile(rf"(?<![\w:])({alternatives})(?!\w)", re.IGNORECASE)
+NOT_AFTER = ":"  # a word right after ':' is part of ComfyUI's embedding:<name> syntax, never a trigger
 
 
 def replace_triggers(text: str, words: dict[str, str]) -> str:
     """``text`` with each whole-word occurrence of a (lower-case) key of ``words`` replaced by its value."""
-    if not words:
-        return text
-    return _whole_words(words).sub(lambda m: words[m.group(1).lower()], text)
+    return replace_words(text, words, NOT_AFTER)
 
 
 class TriggerTokenizer:
@@ -76,7 +73,7 @@ class TriggerTokenizer:
                 if id(e[0]) in self._owner}
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
-        counts = {w: len(_whole_words([w]).findall(text)) for w in self.concepts}
+        counts = {w: len(whole_words([w], NOT_AFTER).findall(text)) for w in self.concepts}
         present = [w for w, n in counts.items() if n]
         if not present:
             return self.base.tokenize_with_weights(text, return_word_ids, **kwargs)

@@ -17,6 +17,7 @@ import comfy.model_management
 
 from ..perfusion_ops.clip_text import ClipTextForward
 from ..perfusion_ops.covariance import fingerprint
+from ..perfusion_ops.modules import forwards_installed
 from .patching import cross_attention_layers
 
 MAX_TOKENS = 77
@@ -49,21 +50,6 @@ def trainable_weights(*modules: torch.nn.Module):
         for tensor in frozen:
             tensor.requires_grad_(True)
 
-
-@contextlib.contextmanager
-def forwards_installed(modules: dict, forwards: dict):
-    """Set ``forward`` of each module to ``forwards[key]``; restore whatever instance forward it had before."""
-    previous = {key: modules[key].__dict__.get("forward") for key in forwards}
-    for key, fn in forwards.items():
-        modules[key].forward = fn
-    try:
-        yield
-    finally:
-        for key, old in previous.items():
-            if old is None:
-                del modules[key].forward
-            else:
-                modules[key].forward = old
 
 
 def non_dynamic(model):

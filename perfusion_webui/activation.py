@@ -2,11 +2,11 @@
 trigger embeddings, the key-lock prompts and the infotext. Host-agnostic (no webui import)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from perfusion_ops.concept import Concept, ConceptError
 from perfusion_ops.edit import AppliedConcept, JointEdit
+from perfusion_ops.words import replace_words, whole_words
 from .prompt_tags import PerfusionTag, check_unique, format_infotext
 
 from .library import ConceptLibrary
@@ -47,21 +47,8 @@ class Activation:
 
     def triggers_in(self, texts: list[str]) -> list[str]:
         """The trigger words (whole word, any case) that occur in any of ``texts``, in tag order."""
-        found = {m.group(1).lower() for text in texts for m in _words_pattern(self.triggers()).finditer(text)}
+        found = {m.group(1).lower() for text in texts for m in whole_words(self.triggers()).finditer(text)}
         return [c.trigger for c in self.concepts if c.trigger.lower() in found]
-
-
-def _words_pattern(words) -> re.Pattern:
-    """Whole-word, case-insensitive occurrences of any of ``words`` (longest first), as group 1."""
-    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    return re.compile(r"(?<![\w])(" + alternatives + r")(?![\w])", re.IGNORECASE)
-
-
-def replace_words(text: str, words: dict[str, str]) -> str:
-    """``text`` with whole-word, case-insensitive occurrences of the keys of ``words`` replaced by their values."""
-    if not words:
-        return text
-    return _words_pattern(words).sub(lambda m: words[m.group(1).lower()], text)
 
 
 def activate(tags: list[PerfusionTag], library: ConceptLibrary, layer_widths: dict[str, int],

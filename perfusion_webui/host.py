@@ -23,6 +23,7 @@ from pathlib import Path
 from modules import extra_networks, script_callbacks, scripts, shared
 
 from perfusion_ops.concept import ConceptError
+from perfusion_ops.modules import cross_attention_layers, text_width
 from .prompt_tags import NETWORK, TagError, parse_infotext, restore_prompt, tag_from_items
 
 from .activation import Activation, activate
@@ -83,14 +84,11 @@ def diffusion_model(sd_model):
 
 
 def cross_attention_widths(unet) -> tuple[dict[str, int], int]:
-    widths, text = {}, None
-    for name, module in unet.named_modules():
-        if name.endswith("attn2") and hasattr(module, "to_k"):
-            widths[name] = module.to_k.out_features
-            text = module.to_k.in_features
-    if text is None:
+    """The edited layers' widths and the text width of ``unet``."""
+    widths = cross_attention_layers(unet)
+    if not widths:
         raise ConceptError("this model has no cross-attention layers to edit")
-    return widths, text
+    return widths, text_width(unet, widths)
 
 
 def forge_attention():

@@ -4,10 +4,11 @@ Text: a word table and one mixing layer (so encodings of a word depend on its ne
 Denoiser: latent pixels attend to the text through ``attn2.to_k``/``to_v`` (two layers of width 24 and 40)."""
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from perfusion_ops.modules import forwards_installed
 
 WIDTH, TOKEN = 16, 16
 WORDS = "a photo of the good image photograph shown in cat dog teddy toy red blue".split()
@@ -52,15 +53,8 @@ class ToyHost(torch.nn.Module):
         module = self.attn[layer][f"to_{kv}"]
         return lambda x: F.linear(x, module.weight)
 
-    @contextlib.contextmanager
     def install(self, forwards):
-        for (layer, path), fn in forwards.items():
-            self.attn[layer][f"to_{path}"].forward = fn
-        try:
-            yield
-        finally:
-            for layer, path in forwards:
-                del self.attn[layer][f"to_{path}"].forward
+        return forwards_installed({(layer, kv): self.attn[layer][f"to_{kv}"] for layer, kv in forwards}, forwards)
 
     def predict_noise(self, noisy, timesteps, context):
         x = noisy.flatten(2).transpose(1, 2)  # (B, pixels, 4)

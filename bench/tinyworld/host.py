@@ -15,6 +15,7 @@ from torch import Tensor
 
 from perfusion_ops.concept import Concept
 from perfusion_ops.edit import AppliedConcept, JointEdit
+from perfusion_ops.modules import cross_attention_layers, forwards_installed
 from perfusion_ops.training import Sample, TrainSettings, Trainer, masked_noise_loss, add_noise, prompts_for, run
 
 from . import render as R
@@ -27,7 +28,7 @@ class TinyWorldHost:
 
     def __init__(self, unet: TinyUNet, text: Encoder, alphas_cumprod: Tensor | None = None):
         self.unet, self.text = unet.requires_grad_(False), text
-        self.layers = unet.cross_attention_layers()
+        self.layers = cross_attention_layers(unet)
         self.alphas_cumprod = cosine_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
         self.guidance = 3.0  # classifier-free guidance scale of :meth:`sample`
         self._modules = {(layer, path): getattr(unet.get_submodule(layer), f"to_{path}")
@@ -51,19 +52,8 @@ class TinyWorldHost:
         module = self._modules[layer, kv]
         return lambda x: type(module).forward(module, x)
 
-    @contextlib.contextmanager
     def install(self, forwards):
-        previous = {key: self._modules[key].__dict__.get("forward") for key in forwards}
-        for key, fn in forwards.items():
-            self._modules[key].forward = fn
-        try:
-            yield
-        finally:
-            for key, old in previous.items():
-                if old is None:
-                    del self._modules[key].forward
-                else:
-                    self._modules[key].forward = old
+        return forwards_installed(self._modules, forwards)
 
     def predict_noise(self, noisy, timesteps, context):
         return self.unet.predict_noise(noisy, timesteps, context, self.alphas_cumprod)

@@ -227,11 +227,6 @@ class TinyUNet(nn.Module):
         a = alphas_cumprod.to(x)[timesteps].view(-1, 1, 1, 1)
         return a.sqrt() * self(x, timesteps, context, key_context) + (1 - a).sqrt() * x
 
-    def cross_attention_layers(self) -> dict[str, int]:
-        """``{module path of each attn2: K/V output width}`` (the layers Perfusion edits)."""
-        return {name: m.to_k.out_features for name, m in self.named_modules()
-                if name.endswith("attn2") and isinstance(m, CrossAttention)}
-
 
 @torch.no_grad()
 def ddim_sample(unet: TinyUNet, context: Tensor, uncond: Tensor, alphas_cumprod: Tensor, steps: int = 20,

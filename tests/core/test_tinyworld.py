@@ -14,6 +14,7 @@ from bench.tinyworld.model import TinyUNet, cosine_alphas_cumprod, ddim_sample, 
 from bench.tinyworld.stats import bootstrap_gain, front_gain, mean_se, verdict
 from bench.tinyworld.text import TextEncoder, package_dir, words_of_world
 from perfusion_ops.edit import AppliedConcept
+from perfusion_ops.modules import cross_attention_layers
 from perfusion_ops.training import TrainSettings
 from tinyworld_fixtures import one_thread  # noqa: F401 (autouse)
 
@@ -47,7 +48,7 @@ def test_renderer_draws_what_the_caption_says_and_checks_read_it_back():
 
 def test_unet_has_sd_structure_and_masks_padding():
     unet = TinyUNet(16, 32, context_dim=24, heads=16).eval()
-    layers = unet.cross_attention_layers()
+    layers = cross_attention_layers(unet)
     assert list(layers) == [f"{b}.transformer_blocks.0.attn2" for b in (
         "input_blocks.1.1", "input_blocks.3.1", "middle_block.1", "output_blocks.0.1", "output_blocks.1.1",
         "output_blocks.2.1", "output_blocks.3.1")]
