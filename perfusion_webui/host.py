@@ -1,6 +1,7 @@
-"""The webui side: the ``perfusion`` extra network, the trigger embeddings, the A1111 hooks, the Forge patches,
-settings and infotext. The only module of the pack that imports the webui (``modules.*``); it is imported by
-``scripts/perfusion_webui.py`` inside a running AUTOMATIC1111 webui or Forge.
+"""The webui's callbacks: the ``perfusion`` extra network, the always-on script, settings and pasted infotext, and
+the one registry of this process (``STATE``, the current generation). The only module of the pack that imports the
+webui (``modules.*``) when it is imported (``embeddings``, ``generation`` and ``routes`` reach it inside their
+functions); it is imported by ``scripts/perfusion_webui.py`` inside a running AUTOMATIC1111 webui or Forge.
 
 Life of one generation (both hosts)::
 
@@ -16,26 +17,25 @@ Life of one generation (both hosts)::
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 from pathlib import Path
 
 from modules import extra_networks, script_callbacks, scripts, shared
 
 from perfusion_ops.concept import ConceptError
-from perfusion_ops.modules import cross_attention_layers, text_width
-from .prompt_tags import NETWORK, TagError, parse_infotext, restore_prompt, tag_from_items
 
-from .activation import Activation, activate
+from .activation import activate
 from .forge_patches import install as install_forge
+from .generation import LOG, Generation, key_contexts
 from .hooks import HookedEdit
-from .keylock import KeyContexts
 from .library import ConceptLibrary
-from .monitor import GateMonitor
+from .prompt_tags import NETWORK, TagError, parse_infotext, restore_prompt, tag_from_items
+from .routes import cross_attention_widths, diffusion_model, forge_attention, use_hooks
 
 OPTION_DIR = "perfusion_dir"
 FOLDER = "perfusion"
-LOG = "[Perfusion]"
+STATE = Generation()  # the one registry: the webui runs one generation at a time
 
 
 def concept_folders() -> list[Path]:
@@ -52,172 +52,13 @@ def concept_folders() -> list[Path]:
 
 
 def library() -> ConceptLibrary:
-    folders = concept_folders()
-    global _LIBRARY
-    if _LIBRARY is None or _LIBRARY.folders != folders:
-        _LIBRARY = ConceptLibrary(folders)
-    return _LIBRARY
+    """The concept files of the current folders; one library (and its hash cache) while the folders stay."""
+    return _library(tuple(concept_folders()))
 
 
-_LIBRARY: ConceptLibrary | None = None
-
-
-def is_forge(sd_model) -> bool:
-    return hasattr(sd_model, "forge_objects")
-
-
-ROUTE_VARIABLE = "PERFUSION_WEBUI_ROUTE"
-
-
-def use_hooks(sd_model) -> bool:
-    """A1111: forward hooks; Forge: UnetPatcher patches. ``PERFUSION_WEBUI_ROUTE=hooks`` forces the hook route
-    in Forge too (a diagnostic: Forge's modules are called like the webui's, so both routes can be compared
-    in one real host); ``=patches`` has no effect outside Forge."""
-    route = os.environ.get(ROUTE_VARIABLE, "auto").strip().lower()
-    return route == "hooks" or not is_forge(sd_model)
-
-
-def diffusion_model(sd_model):
-    if is_forge(sd_model):
-        return sd_model.forge_objects.unet.model.diffusion_model
-    return sd_model.model.diffusion_model
-
-
-def cross_attention_widths(unet) -> tuple[dict[str, int], int]:
-    """The edited layers' widths and the text width of ``unet``."""
-    widths = cross_attention_layers(unet)
-    if not widths:
-        raise ConceptError("this model has no cross-attention layers to edit")
-    return widths, text_width(unet, widths)
-
-
-def forge_attention():
-    try:
-        from backend.attention import attention_function  # Forge (2024-08 and later)
-    except ImportError:
-        from ldm_patched.ldm.modules.attention import optimized_attention as attention_function  # Forge 1
-    return attention_function
-
-
-# ------------------------------------------------------------------------------------------- embeddings
-class Embeddings:
-    """The learned trigger vectors, registered in the host's embedding database for one generation."""
-
-    def __init__(self):
-        self.registered: dict[str, object] = {}  # name -> the embedding it shadowed (or None)
-        self.db = None
-
-    @staticmethod
-    def _database(sd_model):
-        engine = getattr(sd_model, "text_processing_engine", None)
-        if engine is not None:  # Forge
-            from backend.text_processing.textual_inversion import Embedding
-            return engine.embeddings, Embedding, lambda db, e, name: db.register_embedding_by_name(e, name)
-        from modules import sd_hijack
-        from modules.textual_inversion.textual_inversion import Embedding
-        return (sd_hijack.model_hijack.embedding_db, Embedding,
-                lambda db, e, name: db.register_embedding_by_name(e, shared.sd_model, name))
-
-    def register(self, sd_model, triggers: dict) -> None:
-        self.remove()
-        db, embedding_class, register = self._database(sd_model)
-        self.db, self._register = db, register
-        for word, concept in triggers.items():
-            vec = concept.embedding.detach().float().cpu()
-            embedding = embedding_class(vec, word)
-            embedding.vectors, embedding.shape = vec.shape[0], vec.shape[-1]
-            self.registered[word] = db.word_embeddings.get(word)
-            register(db, embedding, word)
-
-    def remove(self) -> None:
-        if self.db is None:
-            return
-        for word, previous in self.registered.items():
-            self._register(self.db, None, word)
-            if previous is not None:
-                self._register(self.db, previous, word)
-        self.registered, self.db = {}, None
-
-
-# ------------------------------------------------------------------------------------------------ state
-class Generation:
-    """What is active for the current generation (module-level: the webui runs one generation at a time)."""
-
-    def __init__(self):
-        self.activation: Activation | None = None
-        self.hooks: HookedEdit | None = None
-        self.keys: KeyContexts | None = None
-        self.embeddings = Embeddings()
-        self.forge_edits: list = []
-        self.monitors: list[GateMonitor] = []
-
-    def edit(self):
-        """A fresh joint edit of the active concepts, watched by a :class:`GateMonitor`."""
-        edit = self.activation.edit()
-        self.monitors.append(GateMonitor(edit))
-        return edit
-
-    @property
-    def calls(self) -> int:
-        hooks = self.hooks.calls if self.hooks is not None else 0
-        return hooks + sum(e.calls for e in self.forge_edits)
-
-    def clear(self) -> None:
-        if self.activation is not None and self.monitors:
-            print(f"{LOG} edit applied in {self.calls} cross-attention layer calls; "
-                  + "; ".join(m.report(self.activation.names) for m in self.monitors if m.contexts)
-                  + ("" if any(m.contexts for m in self.monitors) else "no text context reached it")
-                  + ("" if self.keys is None else f"; global key lock: K context replaced in "
-                     f"{self.keys.matched_rows} batch rows"))
-        if self.hooks is not None:
-            self.hooks.remove()
-        self.hooks = None
-        self.embeddings.remove()
-        self.activation, self.keys = None, None
-        self.forge_edits, self.monitors = [], []
-
-
-STATE = Generation()
-
-
-def _crossattn(cond):
-    return cond["crossattn"] if isinstance(cond, dict) else cond
-
-
-def key_contexts(p, act: Activation) -> KeyContexts | None:
-    """Encode every prompt of the batch and its key-lock version (triggers → superclass), the way the webui
-    splits it (AND, [from:to:when] schedules), and pair the encodings for :class:`KeyContexts`."""
-    if not act.global_lock:
-        return None
-    from modules import prompt_parser
-
-    keys = KeyContexts()
-    texts = []
-    steps = max(int(getattr(p, "steps", 1) or 1), 1)
-    for prompt in dict.fromkeys(p.prompts):
-        _, subprompts, _ = prompt_parser.get_multicond_prompt_list([prompt])
-        for sub in subprompts:
-            for _, text in prompt_parser.get_learned_conditioning_prompt_schedules([sub], steps)[0]:
-                key = act.key_prompt(text)
-                if key != text:
-                    texts.append((text, key))
-    texts = list(dict.fromkeys(texts))
-    if not texts:
-        print(f"{LOG} global key lock: no trigger word in the prompt, nothing to lock")
-        return None
-    try:  # encode as setup_conds does (A1111 runs it under autocast); each text alone, so no batch padding
-        from modules import devices
-        autocast = devices.autocast
-    except (ImportError, AttributeError):
-        autocast = contextlib.nullcontext
-    with autocast():
-        for text, key in texts:
-            real, locked = (_crossattn(p.sd_model.get_learned_conditioning([t]))[0] for t in (text, key))
-            if real.shape == locked.shape:
-                keys.add(real, locked)
-            else:
-                print(f"{LOG} global key lock: '{key}' encodes to another length than '{text}'; local lock there")
-    return keys
+@functools.lru_cache(maxsize=1)
+def _library(folders: tuple[Path, ...]) -> ConceptLibrary:
+    return ConceptLibrary(list(folders))
 
 
 class ExtraNetworkPerfusion(extra_networks.ExtraNetwork):
