@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 
 import torch
 from PIL import Image
@@ -15,6 +14,8 @@ from PIL import Image
 import comfy.model_management
 
 from ..perfusion_ops.sampling import ddim_sample
+from ..perfusion_ops.words import whole_words
+from .tokenizer import NOT_AFTER
 
 PLACEHOLDER = "<trigger>"
 DEFAULT_PROMPTS = f"a photo of a {PLACEHOLDER}\na {PLACEHOLDER} on a sandy beach at sunset"
@@ -28,7 +29,7 @@ def parse_prompts(text: str, trigger: str) -> list[str]:
     """The prompts of the ``preview_prompts`` widget: one per non-empty line, ``<trigger>`` standing for the trigger
     word, which every prompt must name (a preview shows the concept); at most ``MAX_PROMPTS``. The trigger is made a
     word of its own ("hugsy," → "hugsy ,"), as the training host's word split finds it."""
-    word = re.compile(rf"(?<![\w:])({re.escape(trigger)})(?!\w)", re.IGNORECASE)
+    word = whole_words([trigger], NOT_AFTER)
     prompts = []
     for line in filter(str.strip, text.splitlines()):
         spaced, found = word.subn(r" \1 ", line.replace(PLACEHOLDER, trigger))
