@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def measure(batch: int, checkpointing: bool, repeats: int) -> dict:
     """In this process: load, then time micro-steps; memory from the process's resident set."""
-    sys.path.insert(0, str(REPO))
     import torch
 
     from bench.common import machine, peak_rss_mb

@@ -9,16 +9,12 @@ Run: .venv/bin/python bench/edit_overhead.py
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
-from bench.common import alternate, machine, median_ratio, peak_rss_mb  # noqa: E402
-from factories import random_concept  # noqa: E402
-from perfusion_ops.edit import AppliedConcept, JointEdit  # noqa: E402
-from perfusion_ops.layers import SD15_LAYERS, SD15_TEXT_WIDTH  # noqa: E402
+from bench.common import alternate, machine, median_ratio, peak_rss_mb
+from perfusion_ops.edit import AppliedConcept, JointEdit
+from tools.factories import SD15_LAYERS, SD15_TEXT_WIDTH, random_concept
 
 
 def main(rounds: int = 60) -> None:

@@ -7,15 +7,12 @@ Run where a CUDA GPU is present: .venv/bin/python bench/gpu_train.py
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
+import torch
 
-from bench.common import machine  # noqa: E402
-from bench.train_support import Steps, load_full_sd15  # noqa: E402
+from bench.common import machine
+from bench.train_support import Steps, load_full_sd15
 
 
 def main(repeats: int = 5) -> None:

@@ -12,21 +12,17 @@ Run: .venv/bin/python bench/sampling_overhead.py   (after `bash tools/test.sh` h
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from bench.common import machine, median_ratio, peak_rss_mb
+from tools import comfy_host, smoke_checkpoint
+from tools.factories import random_concept
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tools")]
-sys.path += [str(REPO), str(REPO / "tests")]
-import comfy_host  # noqa: E402
-import smoke_checkpoint  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.common import machine, median_ratio, peak_rss_mb  # noqa: E402
-from factories import random_concept  # noqa: E402
 
 
 def main(rounds: int = 6) -> None:

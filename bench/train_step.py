@@ -10,15 +10,12 @@ Run: .venv/bin/python bench/train_step.py
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
+import torch
 
-from bench.common import machine, median_ratio, peak_rss_mb  # noqa: E402
-from bench.train_support import Steps, load_full_sd15  # noqa: E402
+from bench.common import machine, median_ratio, peak_rss_mb
+from bench.train_support import Steps, load_full_sd15
 
 
 def main(rounds: int = 4) -> None:

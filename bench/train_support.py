@@ -2,17 +2,15 @@
 a Perfusion trainer on it, and a baseline step with the same trainable parameter count."""
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tools")]
-sys.path += [str(REPO)]
-import comfy_host  # noqa: E402
-import smoke_checkpoint  # noqa: E402
+import torch
 
-import torch  # noqa: E402
+import perfusion_ops.training
+from tools import comfy_host, smoke_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def load_full_sd15():
@@ -33,8 +31,7 @@ class Steps:
     layer) and the same UNet forward/backward, without the gated rank-1 edit (e⊥, gates, EMA, q = C⁻¹ i)."""
 
     def __init__(self, host, model, clip, batch: int, latent: int, checkpointing: bool = False):
-        pack = host.pack
-        training, host_mod = pack.perfusion_ops.training, pack.nodes.training_host
+        training, host_mod = perfusion_ops.training, host.adapter.training_host
         self.training = training
         self.host = host_mod.ComfyTrainingHost(model, clip, gradient_checkpointing=checkpointing)
         settings = training.TrainSettings(steps=1, batch_size=batch, grad_accum=1)

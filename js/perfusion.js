@@ -7,7 +7,7 @@
 //   renders of the concept so far, from "perfusion.preview" messages ({node, step, images: JPEG data URLs}); a toast
 //   when training finishes or fails.
 // * Perfusion Load Concept and Perfusion Apply: the concept's trigger word, superclass and recommended β/τ, from
-//   GET /perfusion/concept_info?name=<file> (nodes/routes.py). Apply follows its concept link back to the Load
+//   GET /perfusion/concept_info?name=<file> (perfusion_comfy/routes.py). Apply follows its concept link back to the Load
 //   Concept node (through reroutes), or shows the Train node's words. Its node menu offers
 //   "Perfusion: recommended β/τ".
 //
@@ -21,13 +21,13 @@ import { api } from "../../scripts/api.js";
 const TRAIN = "PerfusionTrainConcept";
 const LOAD = "PerfusionLoadConcept";
 const APPLY = "PerfusionApply";
-const OWN_GATE = "beta and tau widgets"; // Apply's gate that uses its beta/tau widgets (nodes/inference.py GATES)
+const OWN_GATE = "beta and tau widgets"; // Apply's gate that uses its beta/tau widgets (perfusion_comfy/inference.py GATES)
 const PANEL = "perfusion_panel";
 const LINE_H = 16;
 const WIDGET_MARGIN = 10; // both front ends inset a DOM widget by this much on each side
 const CHART_PANEL_H = 130;
 const INFO_PANEL_H = 3 * LINE_H + 12;
-const MEAN_WINDOW = 10; // the running mean of nodes/loss_chart.py
+const MEAN_WINDOW = 10; // the running mean of perfusion_comfy/loss_chart.py
 const REFRESH_MS = 400;
 const TOAST_MS = 8000;
 const COLORS = {

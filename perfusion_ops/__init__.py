@@ -1,6 +1,6 @@
 """Host-agnostic Perfusion core (pure torch + safetensors): the gated rank-1 edit, concept files, covariance.
 
-Importing this package never imports ComfyUI; the ComfyUI adapter lives in ``nodes/``."""
+Importing this package never imports ComfyUI; the ComfyUI adapter lives in ``perfusion_comfy/``."""
 from .concept import Concept, ConceptError, check_gate
 from .concept_file import export_embedding, load_concept, save_concept
 from .covariance import CovarianceEstimator, cached_covariance, estimate_covariance, fingerprint, ridge_inverse

@@ -190,7 +190,8 @@ TEMPLATES = [
     (5, lambda r: f"{_living(r, count_p=0)[0]} and {_living(r, count_p=0)[0]} {r.choice(ACT_ANY)}"
                   + _opt(r, WHERE, 0.7)),  # a dog and a cat sleeping on a sofa
     (12, lambda r: _subject(r) + _opt(r, WHERE, 0.6) + _tags(r, 2, 7)),  # comma-separated prompt
-    (10, lambda r: f"{_a(r.choice(STYLE))} of {_subject(r)}{_opt(r, WHERE, 0.6)}{_opt(r, WHEN, 0.3)}" + _tags(r, 0, 2)),
+    (10, lambda r: f"{_a(r.choice(STYLE))} of {_subject(r)}{_opt(r, WHERE, 0.6)}{_opt(r, WHEN, 0.3)}"
+                   + _tags(r, 0, 2)),
     (6, lambda r: f"{r.choice(VIEWS)} of {_subject(r)}{_opt(r, WHERE, 0.7)}" + _tags(r, 0, 2)),  # aerial view of ...
     (6, lambda r: _subject(r, count_p=1.0) + _opt(r, WHERE, 0.9)),  # three red apples on a wooden table
     (4, _there),  # there are two boats on a frozen lake

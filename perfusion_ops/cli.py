@@ -16,7 +16,8 @@ def describe(path: Path) -> str:
         f"file            {path} ({path.stat().st_size / 1024:.1f} KB)",
         f"trigger         {c.trigger}",
         f"superclass      {c.superclass}",
-        f"text encoder    {c.text_encoder} (width {c.width}, clip layer {c.clip_layer}, fingerprint {c.encoder_fingerprint or '-'})",
+        f"text encoder    {c.text_encoder} (width {c.width}, clip layer {c.clip_layer}, "
+        f"fingerprint {c.encoder_fingerprint or '-'})",
         f"model family    {c.model_family}",
         f"layers          {len(c.value_outputs)} cross-attention layers (widths {', '.join(map(str, widths))})",
         f"key pathway     {'trained K (no key lock)' if c.trained_keys else 'key-locked to the superclass'}",

@@ -107,8 +107,8 @@ class Concept:
             raise ConceptError("trained-K concept: key and value outputs cover different layers")
         for layer, tensor in (self.key_outputs or {}).items():
             if tensor.shape != self.value_outputs[layer].shape:
-                raise ConceptError(f"trained-K concept: 'o_k.{layer}' has shape {tuple(tensor.shape)} but 'o_v.{layer}' "
-                                   f"{tuple(self.value_outputs[layer].shape)}")
+                raise ConceptError(f"trained-K concept: 'o_k.{layer}' has shape {tuple(tensor.shape)} but "
+                                   f"'o_v.{layer}' {tuple(self.value_outputs[layer].shape)}")
         for kind in PAPER_GATES:
             beta, tau = (self.train_beta, self.train_tau) if kind == "train" else self.recommended(kind)
             check_gate(beta, tau, what=f"{kind} gate")
@@ -190,7 +190,8 @@ class TrainingState:
                 raise ConceptError(f"training state: the moments of '{name}' must have shape "
                                    f"{(2, *learned[name].shape)}, got {tuple(getattr(moments, 'shape', ()))}")
             if not bool(torch.isfinite(moments).all()) or bool((moments[1] < 0).any()):
-                raise ConceptError(f"training state: the moments of '{name}' are not finite, or the second is negative")
+                raise ConceptError(f"training state: the moments of '{name}' are not finite, "
+                                   "or the second is negative")
         return self
 
 

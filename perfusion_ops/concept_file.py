@@ -33,7 +33,8 @@ _STATE = "state."  # prefix of the training state's tensors and metadata
 _MOMENTS = _STATE + "adam."
 
 
-def concept_to_bytes(concept: Concept, dtype: torch.dtype = torch.float16, state: TrainingState | None = None) -> bytes:
+def concept_to_bytes(concept: Concept, dtype: torch.dtype = torch.float16,
+                     state: TrainingState | None = None) -> bytes:
     """Serialise a validated concept to safetensors bytes (tensors cast to ``dtype``, one of the envelope's), with its
     training ``state`` if given (always float32: Adam's second moments underflow in half precision)."""
     if dtype not in TENSOR_DTYPES.values():
@@ -84,7 +85,8 @@ def load_training_state(path: str | os.PathLike) -> tuple[Concept, TrainingState
         raise ConceptError(f"concept file '{path}' does not exist")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise ConceptError(f"'{name}' is {size / 2**20:.0f} MB: too large for a Perfusion concept (a checkpoint or LoRA?)")
+        raise ConceptError(f"'{name}' is {size / 2**20:.0f} MB: too large for a Perfusion concept "
+                           "(a checkpoint or LoRA?)")
     return _parse(path.read_bytes(), name)
 
 
@@ -199,7 +201,8 @@ def _read_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], 
         metadata = header.get("__metadata__") or {}
         dtypes = {key: entry.get("dtype") for key, entry in header.items() if key != "__metadata__"}
     except RecursionError:  # json recurses per nesting level: a header of 10⁵ brackets must not escape as this
-        raise ConceptError(f"'{name}' is corrupt or not a safetensors file (its header is nested too deeply)") from None
+        raise ConceptError(f"'{name}' is corrupt or not a safetensors file "
+                           "(its header is nested too deeply)") from None
     except (ValueError, UnicodeDecodeError, AttributeError) as err:
         raise ConceptError(f"'{name}' is corrupt or not a safetensors file ({err})") from None
     if len(dtypes) > MAX_TENSORS:

@@ -72,7 +72,8 @@ class GateChoice:
                     f"{self.following_high:.2f}")
         if not self.chosen:
             copied = self.other_high < self.trigger_low - MIN_GAP  # only the words after the trigger close the gap
-            why = ("the words after the trigger carry it as strongly as the trigger itself (the text encoder is causal)"
+            why = ("the words after the trigger carry it as strongly as the trigger itself "
+                   "(the text encoder is causal)"
                    if copied else "the trigger does not stand out from other words yet: train more steps")
             return (f"gate for '{trigger}': {measured}; no gap: {why}. The paper's gate is kept (β "
                     f"{self.beta_local:g}, τ {self.tau_local:g} local; β {self.beta_global:g} global); to choose "

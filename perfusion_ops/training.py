@@ -104,7 +104,8 @@ class ConceptParameters(torch.nn.Module):
         super().__init__()
         self.layers = list(value_init)
         self.embedding = torch.nn.Parameter(embedding.detach().float().clone())
-        self.values = torch.nn.ParameterList([torch.nn.Parameter(value_init[l].detach().float().clone()) for l in self.layers])
+        self.values = torch.nn.ParameterList([torch.nn.Parameter(value_init[l].detach().float().clone())
+                                              for l in self.layers])
         self.keys = None if key_init is None else torch.nn.ParameterList(
             [torch.nn.Parameter(key_init[l].detach().float().clone()) for l in self.layers])
         self.register_buffer("target_input", superclass_encoding.detach().float().clone())
@@ -213,7 +214,8 @@ class Trainer:
                 learned[name].copy_(tensor)
             self.params.target_input.copy_(concept.target_input)
         self.done, self.losses = done, [] if state is None else state.losses.tolist()
-        if state is not None:  # by parameter index, in the order of the optimizer's groups; Adam took len(losses) steps
+        # by parameter index, in the order of the optimizer's groups; Adam took len(losses) steps
+        if state is not None:
             saved, order = self.optimizer.state_dict(), [p for g in self.optimizer.param_groups for p in g["params"]]
             name_of = {id(p): name for name, p in learned.items()}
             moments = {name: m.clone() for name, m in state.moments.items()}  # Adam updates its own (normal) tensors
@@ -234,8 +236,9 @@ class Trainer:
                 raise ConceptError(f"its {what} is '{theirs}' where this run's is '{mine}'")
         widths = {layer: t.shape[0] for layer, t in concept.value_outputs.items()}
         if widths != dict(self.host.layers):
-            raise ConceptError(f"its {len(widths)} cross-attention layers are not this model's {len(self.host.layers)} "
-                               "(of other names or widths): it was trained on another model family")
+            raise ConceptError(f"its {len(widths)} cross-attention layers are not this model's "
+                               f"{len(self.host.layers)} (of other names or widths): "
+                               "it was trained on another model family")
 
     def state(self) -> TrainingState:
         """What :meth:`resume` needs to continue this run exactly (after at least one step)."""
@@ -256,7 +259,8 @@ class Trainer:
         """The concept as trained so far, detached, ready to save or apply."""
         c = self.params.concept(self.trigger, self.superclass, self.settings, **self.fields)
         detach = lambda d: None if d is None else {k: v.detach().clone() for k, v in d.items()}
-        c.embedding, c.value_outputs, c.key_outputs = c.embedding.detach().clone(), detach(c.value_outputs), detach(c.key_outputs)
+        c.embedding, c.value_outputs, c.key_outputs = (c.embedding.detach().clone(), detach(c.value_outputs),
+                                                       detach(c.key_outputs))
         return c
 
     def loss(self, sample: Sample, noise: Tensor, timesteps: Tensor, track: bool = True) -> Tensor:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 
 from .activation import Activation
+from .console import log
 from .embeddings import Embeddings
 from .hooks import HookedEdit
 from .keylock import KeyContexts
 from .monitor import GateMonitor
-
-LOG = "[Perfusion]"
 
 
 class Generation:
@@ -37,10 +36,10 @@ class Generation:
 
     def clear(self) -> None:
         if self.activation is not None and self.monitors:
-            print(f"{LOG} edit applied in {self.calls} cross-attention layer calls; "
-                  + "; ".join(m.report(self.activation.names) for m in self.monitors if m.contexts)
-                  + ("" if any(m.contexts for m in self.monitors) else "no text context reached it")
-                  + ("" if self.keys is None else f"; global key lock: K context replaced in "
+            log.info(f"edit applied in {self.calls} cross-attention layer calls; "
+                     + "; ".join(m.report(self.activation.names) for m in self.monitors if m.contexts)
+                     + ("" if any(m.contexts for m in self.monitors) else "no text context reached it")
+                     + ("" if self.keys is None else f"; global key lock: K context replaced in "
                      f"{self.keys.matched_rows} batch rows"))
         if self.hooks is not None:
             self.hooks.remove()
@@ -74,7 +73,7 @@ def key_contexts(p, act: Activation) -> KeyContexts | None:
                     texts.append((text, key))
     texts = list(dict.fromkeys(texts))
     if not texts:
-        print(f"{LOG} global key lock: no trigger word in the prompt, nothing to lock")
+        log.info("global key lock: no trigger word in the prompt, nothing to lock")
         return None
     try:  # encode as setup_conds does (A1111 runs it under autocast); each text alone, so no batch padding
         from modules import devices
@@ -87,5 +86,5 @@ def key_contexts(p, act: Activation) -> KeyContexts | None:
             if real.shape == locked.shape:
                 keys.add(real, locked)
             else:
-                print(f"{LOG} global key lock: '{key}' encodes to another length than '{text}'; local lock there")
+                log.info(f"global key lock: '{key}' encodes to another length than '{text}'; local lock there")
     return keys

@@ -26,8 +26,9 @@ from modules import extra_networks, script_callbacks, scripts, shared
 from perfusion_ops.concept import ConceptError
 
 from .activation import activate
+from .console import log
 from .forge_patches import install as install_forge
-from .generation import LOG, Generation, key_contexts
+from .generation import Generation, key_contexts
 from .hooks import HookedEdit
 from .library import ConceptLibrary
 from .prompt_tags import NETWORK, TagError, parse_infotext, restore_prompt, tag_from_items
@@ -84,10 +85,10 @@ class ExtraNetworkPerfusion(extra_networks.ExtraNetwork):
             settings = (f"{n} (trigger {c.trigger}, β {a.beta:g}, τ {a.tau:g}, strength {t.strength:g})"
                         for n, c, a, t in zip(act.names, act.concepts, act.applied, act.tags))
             route = "forward hooks" if STATE.hooks is not None else "UnetPatcher attn2 patches"
-            print(f"{LOG} {', '.join(settings)}" + (" with global key lock" if STATE.keys else "") + f", via {route}")
+            log.info(f"{', '.join(settings)}" + (" with global key lock" if STATE.keys else "") + f", via {route}")
             for trigger in act.triggers_in(list(getattr(p, "negative_prompts", None) or [])):
-                print(f"{LOG} '{trigger}' is in the negative prompt: the concept applies there too and steers the "
-                      "image away from it (remove the word from the negative prompt if that is not meant)")
+                log.info(f"'{trigger}' is in the negative prompt: the concept applies there too and steers the "
+                         "image away from it (remove the word from the negative prompt if that is not meant)")
         except (TagError, ConceptError, ValueError) as err:
             # A refused tag is the user's input, not a fault: one line with the reason (A1111 would print a whole
             # traceback for a raise) and the infotext; the generation runs without the edit.
@@ -95,7 +96,7 @@ class ExtraNetworkPerfusion(extra_networks.ExtraNetwork):
             message = str(err)
             p.extra_generation_params["Perfusion error"] = message.replace(",", ";")
             p.comment(f"Perfusion: {message}")
-            print(f"{LOG} {message}; generating without Perfusion")
+            log.info(f"{message}; generating without Perfusion")
 
     def deactivate(self, p):
         STATE.clear()
@@ -138,7 +139,7 @@ def on_infotext_pasted(infotext, params) -> None:
         if "Prompt" in params:
             params["Prompt"] = restore_prompt(params["Prompt"], params, rename)
     except (TagError, ConceptError, OSError) as err:
-        print(f"{LOG} could not restore the pasted Perfusion tags: {err}")
+        log.info(f"could not restore the pasted Perfusion tags: {err}")
 
 
 class PerfusionScript(scripts.Script):

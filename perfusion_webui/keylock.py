@@ -20,8 +20,8 @@ class KeyContexts:
     Matching compares values after casting to the context's dtype and device, within ``atol`` (relative to the
     encoding's largest value) so that an fp16/autocast difference between our encode and the host's still
     matches; every token of the row must match, and two different prompts differ by far more after their
-    first differing token (CLIP is causal, so only a shared prefix is equal). Results are cached per context tensor (the same
-    context object feeds all 16 K projections of one UNet call)."""
+    first differing token (CLIP is causal, so only a shared prefix is equal). Results are cached per context tensor
+    (the same context object feeds all 16 K projections of one UNet call)."""
 
     def __init__(self, atol: float = 1e-2, slots: int = 4):
         self.pairs: list[tuple[Tensor, Tensor]] = []

@@ -1,20 +1,27 @@
-"""Test-wide set-up: make the core importable without shadowing ComfyUI's own top-level modules.
-
-The repo root is appended (not prepended) to sys.path: ComfyUI has a top-level ``nodes`` module and this
-pack has a ``nodes/`` package, and the ComfyUI host must win that name."""
-import sys
+"""Test-wide checks: the packages under test are this checkout's (the editable install of tools/setup_env.sh)."""
+import importlib.util
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
-for path in (str(REPO), str(REPO / "tests")):
-    if path not in sys.path:
-        sys.path.append(path)
+
+
+def pytest_configure(config):
+    """Fail at once, naming the fix, where the project is not installed into this Python or another checkout is."""
+    for package in ("perfusion_ops", "perfusion_comfy", "perfusion_webui", "tools", "bench"):
+        spec = importlib.util.find_spec(package)
+        where = Path(spec.origin).resolve().parent.parent if spec and spec.origin else None
+        if where != REPO:
+            raise pytest.UsageError(
+                f"`{package}` {'imports from ' + str(where) if where else 'is not importable'}, not from {REPO}: "
+                f"install this checkout into the test venv with `bash tools/setup_env.sh` "
+                f"(it runs `pip install --no-deps -e .`)")
 
 
 def pytest_report_header(config):
     """Which ComfyUI tree the host tests run against (the CI log shows one run per tree)."""
-    sys.path.append(str(REPO / "tools"))
-    import comfy_host  # stdlib only
+    from tools import comfy_host  # stdlib only
     try:
         return f"ComfyUI test host: {comfy_host.tree_label(comfy_host.comfy_root())}"
     except RuntimeError as err:

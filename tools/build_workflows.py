@@ -26,13 +26,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-from workflow_api import (combo_values, input_specs, is_widget, object_info_from_server, spec_options,  # noqa: E402
-                          spec_type, widgets_of)
-from workflow_thumbnail import thumbnail  # noqa: E402
+from tools.workflow_api import (
+    combo_values,
+    input_specs,
+    is_widget,
+    object_info_from_server,
+    spec_options,
+    spec_type,
+    widgets_of,
+)
+from tools.workflow_thumbnail import thumbnail
 
-OWN_GATE = "beta and tau widgets"  # PerfusionApply's gate where a workflow sets β itself (nodes/inference.py GATES)
+REPO = Path(__file__).resolve().parents[1]
+
+# PerfusionApply's gate where a workflow sets β itself (perfusion_comfy/inference.py GATES)
+OWN_GATE = "beta and tau widgets"
 
 OUT_DIR = REPO / "example_workflows"
 CORE_NODES = REPO / "tools" / "workflow_core_nodes.json"
@@ -520,8 +528,8 @@ def stale_files(built: dict[str, dict], folder: Path) -> list[str]:
 
 def host_object_info() -> dict:
     """/object_info of an in-process ComfyUI test host with this pack loaded (tools/comfy_host.py)."""
-    import comfy_host
-    from workflow_api import object_info_in_process
+    from tools import comfy_host
+    from tools.workflow_api import object_info_in_process
     host = comfy_host.start_in_process(Path(tempfile.mkdtemp(prefix="perfusion-workflows-")))
     if host.pack is None:
         raise RuntimeError(f"the pack did not load: {host.pack_error}")
@@ -533,7 +541,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server", help="read /object_info from a running ComfyUI instead of an in-process host")
     ap.add_argument("--object-info", type=Path, help="read a saved /object_info .json")
     ap.add_argument("--check", action="store_true", help="only compare with the committed files")
-    ap.add_argument("--pin-core", action="store_true", help=f"first re-pin the core node definitions ({CORE_NODES.name})")
+    ap.add_argument("--pin-core", action="store_true",
+                    help=f"first re-pin the core node definitions ({CORE_NODES.name})")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     a = ap.parse_args(argv)
     if a.server:

@@ -108,7 +108,8 @@ def install_current() -> Path | None:
     """Extract the current tree and build its venv (idempotent); None where ``../shared/hosts`` lacks the tarball.
 
     Extraction goes through a temporary folder and one rename, so an interrupted set-up never leaves half a tree;
-    the venv is re-synced whenever the requirements file changes (a stamp holds its digest)."""
+    the venv is re-synced whenever the requirements, the project's packages or the checkout's path change (a stamp
+    holds their digest)."""
     if not CURRENT_TARBALL.is_file():
         return None
     root = CURRENT_DIR / "ComfyUI"
@@ -125,14 +126,23 @@ def install_current() -> Path | None:
     if not python.exists():
         subprocess.check_call([sys.executable, "-m", "venv", str(python.parents[1])])
     import hashlib
-    digest = hashlib.sha256(CURRENT_REQUIREMENTS.read_bytes() + " ".join(NO_DEPS).encode()).hexdigest()[:16]
+    wanted = CURRENT_REQUIREMENTS.read_bytes() + (REPO / "pyproject.toml").read_bytes() + str(REPO).encode()
+    digest = hashlib.sha256(wanted + " ".join(NO_DEPS).encode()).hexdigest()[:16]
     stamp = python.parents[1] / ".requirements-stamp"
     if not stamp.is_file() or stamp.read_text() != digest:
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.check_call(pip + ["-r", str(CURRENT_REQUIREMENTS)])
         subprocess.check_call(pip + ["--no-deps", *NO_DEPS])
+        subprocess.check_call(pip + ["--no-deps", "-e", str(REPO)])  # the project, importable by package name
         stamp.write_text(digest)
     return root
+
+
+def importable(root: Path) -> None:
+    """Put the ComfyUI tree first on sys.path, as its main.py runs with it: the test harness's one host entry point
+    (the webui tests borrow ComfyUI's attention modules through it too)."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
 
 
 def tree_label(root: Path) -> str:
@@ -150,7 +160,8 @@ def tree_label(root: Path) -> str:
 def supported_flags(root: Path) -> set[str]:
     """Command-line flags this tree's main.py accepts (read from its cli_args.py; flags differ by year)."""
     text = (root / "comfy" / "cli_args.py").read_text()
-    return {tok.strip("\"'") for tok in text.replace("(", " ").replace(",", " ").split() if tok.startswith(("\"--", "'--"))}
+    return {tok.strip("\"'") for tok in text.replace("(", " ").replace(",", " ").split()
+            if tok.startswith(("\"--", "'--"))}
 
 
 # ----------------------------------------------------------------------------------------- test layout
@@ -218,8 +229,7 @@ class Host:
 
     def __init__(self, root: Path, layout: Layout):
         self.root, self.layout, self.label = root, layout, tree_label(root)
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))  # before the repo root: ComfyUI's `nodes` must win over the pack's `nodes/`
+        importable(root)
         import comfy.options  # noqa: F401  (args parsing stays off: cli_args parses [])
         from comfy.cli_args import args
         args.cpu = True  # must precede comfy.model_management, which reads it at import
@@ -248,6 +258,8 @@ class Host:
         # A real PromptServer: packs may register routes or send messages through PromptServer.instance.
         self.prompt_server = server.PromptServer(self.loop)
         self.pack, self.pack_error = self._init_nodes()
+        # the adapter package the pack's entry point loaded (tests reach its modules here, after ComfyUI is set up)
+        self.adapter = sys.modules.get("perfusion_comfy")
         self._executor = self.new_executor()
         self.progress: list[tuple[int, int]] = []  # (value, total) of every ProgressBar update in the last run()
         import comfy.utils
@@ -282,7 +294,8 @@ class Host:
         n = self.nodes
         logs = _LogList()
         logging.getLogger().addHandler(logs)
-        breaker = importlib.import_module("hook_breaker_ac10a0") if (self.root / "hook_breaker_ac10a0.py").is_file() else None
+        breaker = (importlib.import_module("hook_breaker_ac10a0") if (self.root / "hook_breaker_ac10a0.py").is_file()
+                   else None)
         if breaker:  # as main.py does: undo custom nodes' hooks on core functions
             breaker.save_functions()
         try:
@@ -454,7 +467,8 @@ class Server:
     def start(self, timeout: float = 300) -> "Server":
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", DO_NOT_TRACK="1")
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, cwd=self.layout.base, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, cwd=self.layout.base, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -556,7 +570,8 @@ def main(argv=None) -> int:
         if a.install_current:
             root = install_current()
             if root is None:
-                print(f"comfy_host: {CURRENT_TARBALL} is absent: the current-tree tests will be skipped", file=sys.stderr)
+                print(f"comfy_host: {CURRENT_TARBALL} is absent: the current-tree tests will be skipped",
+                      file=sys.stderr)
                 return 3
             print(root)
     except (RuntimeError, subprocess.CalledProcessError) as e:

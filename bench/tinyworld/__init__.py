@@ -5,5 +5,5 @@ tower, as SD1.5's CLIP ViT-L/14), ``text`` the shared encoder interface and the 
 earlier, bidirectional variant); ``model`` a small v-prediction UNet with SD1.5's block structure and cross-attention;
 ``train_world`` trains and caches them; ``host`` adapts the world to the core's TrainingHost and applies concepts;
 ``measure`` holds the procedural checks, ``stats`` the pooled figures and lock_gain, ``report`` the outputs.
-``bench/tinyworld.py`` is the entry point.
+``__main__.py`` is the entry point (``python -m bench.tinyworld``).
 """

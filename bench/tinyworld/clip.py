@@ -146,7 +146,8 @@ def zero_shot(clip: TinyCLIP, count: int = 256, seed: int = 5) -> dict[str, floa
     values = {"colour": list(R.COLOURS), "shape": list(R.SHAPES), "position": list(R.POSITIONS),
               "background": list(R.BACKGROUNDS), "texture": list(R.TEXTURES), "size": list(R.SIZES)}
     scenes = [R.Scene((R.Thing(rng.choice(R.SHAPES), rng.choice(list(R.COLOURS)), rng.choice(R.TEXTURES),
-                               rng.choice(list(R.SIZES)), rng.choice(list(R.POSITIONS))),), rng.choice(list(R.BACKGROUNDS)))
+                               rng.choice(list(R.SIZES)), rng.choice(list(R.POSITIONS))),),
+                      rng.choice(list(R.BACKGROUNDS)))
               for _ in range(count)]
     images = F.normalize(clip.image_features(torch.from_numpy(R.render_batch(scenes, seed)[0])), dim=-1)
     words = dict.fromkeys(("size", "colour", "texture", "position", "background"), True)
@@ -157,6 +158,7 @@ def zero_shot(clip: TinyCLIP, count: int = 256, seed: int = 5) -> dict[str, floa
         prompts = [R.caption(vary(scene, v), "a photo of a {}", words) for scene in scenes for v in options]
         texts = F.normalize(clip.text_features(prompts), dim=-1).view(count, len(options), -1)
         picked = (texts @ images[:, :, None])[..., 0].argmax(1)
-        truth = [scene.background if attribute == "background" else getattr(scene.things[0], attribute) for scene in scenes]
+        truth = [scene.background if attribute == "background" else getattr(scene.things[0], attribute)
+                 for scene in scenes]
         out[attribute] = float(np.mean([options[int(k)] == t for k, t in zip(picked, truth)]))
     return out

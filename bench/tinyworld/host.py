@@ -1,8 +1,8 @@
 """The core's TrainingHost over the tiny world model, and inference with applied concepts.
 
 Training goes through the very code the ComfyUI node uses (``perfusion_ops.training``: Trainer, run, the gated
-edit of ``edit.JointEdit``); this module only supplies the host side, as ``nodes/training_host.py`` does for a
-ComfyUI MODEL/CLIP. Also here: the embedding-only baseline (textual inversion) and sampling with concepts.
+edit of ``edit.JointEdit``); this module only supplies the host side, as ``perfusion_comfy/training_host.py`` does
+for a ComfyUI MODEL/CLIP. Also here: the embedding-only baseline (textual inversion) and sampling with concepts.
 """
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ class TinyWorldHost:
             records.append(torch.stack([maps[:, :, :m].mean((1, 2)), maps[:, :, m:].mean((1, 2)),
                                         maps[:, :m].mean((1, 2)), maps[:, m:].mean((1, 2))], 1))
 
-        handles = [self.unet.get_submodule(layer).register_forward_hook(hook, with_kwargs=True) for layer in self.layers]
+        handles = [self.unet.get_submodule(layer).register_forward_hook(hook, with_kwargs=True)
+                   for layer in self.layers]
         try:
             yield records
         finally:
@@ -152,7 +153,8 @@ def drawer(images: Tensor, masks: Tensor | None, trigger: str, flip: bool = True
         idx = [rng.randrange(len(latents)) for _ in range(n)]
         flips = [flip and rng.random() < 0.5 for _ in idx]
         x = torch.stack([fold(images[k:k + 1].flip(-1))[0] if f else latents[k] for k, f in zip(idx, flips)])
-        w = None if weights is None else torch.stack([weights[k].flip(-1) if f else weights[k] for k, f in zip(idx, flips)])
+        w = None if weights is None else torch.stack([weights[k].flip(-1) if f else weights[k]
+                                                      for k, f in zip(idx, flips)])
         return Sample(x, w, prompts_for(trigger, rng, n))
 
     return draw

@@ -118,7 +118,8 @@ def sincos_2d(height: int, width: int, dim: int) -> Tensor:
     """Fixed 2-D sine-cosine position embedding (height·width, dim), as in MAE/DiT: x in one half, y in the other."""
     quarter = dim // 4
     freqs = 1.0 / 100 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                            indexing="ij")
     parts = [f(c.reshape(-1, 1) * freqs) for c in (xs, ys) for f in (torch.sin, torch.cos)]
     return torch.cat(parts, 1)
 
@@ -186,7 +187,8 @@ class TinyUNet(nn.Module):
     position from a deep receptive field over a 64×64 latent, a two-level net over 16×16 cannot. (Measured at 700
     steps: coordinates alone left "on the left" at chance, 0.15; the embedding on the attention tokens gave 0.71.)"""
 
-    def __init__(self, c0: int = 32, c1: int = 64, context_dim: int = 384, heads: int = 32, in_ch: int = 3 * FOLD * FOLD):
+    def __init__(self, c0: int = 32, c1: int = 64, context_dim: int = 384, heads: int = 32,
+                 in_ch: int = 3 * FOLD * FOLD):
         super().__init__()
         temb = 4 * c0
         self.model_channels = c0

@@ -23,10 +23,11 @@ COLOURS = {  # the world's object colours, RGB 0..255
 BACKGROUNDS = {"black": (15, 15, 15), "gray": (128, 128, 128), "white": (240, 240, 240)}
 TEXTURES = ("plain", "striped", "dotted")
 SIZES = {"small": 5.0, "large": 8.0}  # radius in 32-px units (two-object scenes use 6.5)
-POSITIONS = {"left": (9.0, 16.0), "right": (23.0, 16.0), "top": (16.0, 9.0), "bottom": (16.0, 23.0), "center": (16.0, 16.0)}
+POSITIONS = {"left": (9.0, 16.0), "right": (23.0, 16.0), "top": (16.0, 9.0), "bottom": (16.0, 23.0),
+             "center": (16.0, 16.0)}
 POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                    "center": "in the center"}
-# Novel colours the world never sees; the personal concepts use them (see bench/tinyworld.py).
+# Novel colours the world never sees; the personal concepts use them (see __main__.py).
 OUTLINE = (60, 30, 10)  # dark brown (distinct from every background)
 OUTLINE_WIDTH = 1.5  # px at 32×32
 NOVEL_COLOURS = {"teal": (20, 175, 165), "pink": (250, 120, 190)}
@@ -177,7 +178,8 @@ def random_spec(rng: random.Random, two_objects: float = 0.3) -> tuple[Spec, str
 def realise(spec: Spec, rng: random.Random) -> Scene:
     """A scene matching ``spec``, each unnamed attribute drawn at random."""
     fill = lambda value, choices: value if value is not None else rng.choice(list(choices))
-    things = tuple(Thing(shape, fill(colour, COLOURS), fill(texture, TEXTURES), fill(size, SIZES), fill(position, POSITIONS))
+    things = tuple(Thing(shape, fill(colour, COLOURS), fill(texture, TEXTURES), fill(size, SIZES),
+                         fill(position, POSITIONS))
                    for shape, colour, texture, size, position in spec.things)
     return Scene(things, fill(spec.background, BACKGROUNDS))
 

@@ -40,26 +40,29 @@ def tables(results: dict) -> list[str]:
     lines += ["", f"control (mean of colour, shape, position) = {c['control'][0]:.3f}", ""]
     runs = len(results["runs"])
     lines += [f"## Fidelity and alignment, pooled over {runs} runs (± standard error over images)", "",
-              "Fidelity: object-colour histogram intersection with the run's renderings of sks. Alignment: the fraction "
-              "of its prompt's two checks an image passes (8 prompts). Outline: the fine-tuned style's score.", "",
+              "Fidelity: object-colour histogram intersection with the run's renderings of sks. Alignment: the "
+              "fraction of its prompt's two checks an image passes (8 prompts). Outline: the fine-tuned style's "
+              "score.", "",
               "| model | method | β | fidelity | alignment | images | per-run alignment | checks | outline |",
               "|---|---|---|---|---|---|---|---|---|"]
     per_run = {(p["model"], p["method"], p["beta"]): p for p in results["points_per_run"]}
     for p in results["points"]:
         pr = per_run[(p["model"], p["method"], p["beta"])]
         lines.append(f"| {p['model']} | {p['method']} | {p['beta'] if p['beta'] is not None else '-'} | "
-                     f"{pm(p['fidelity'], p['fidelity_se'])} | {pm(p['alignment'], p['alignment_se'])} | {p['images']} | "
+                     f"{pm(p['fidelity'], p['fidelity_se'])} | {pm(p['alignment'], p['alignment_se'])} | "
+                     f"{p['images']} | "
                      f"{spread(pr['alignment'])} | " + " ".join(f"{k} {v:.2f}" for k, v in p["checks"].items())
                      + f" | {pm(p['outline'])} |")
     lines += ["", f"Largest alignment standard error: {s['max_alignment_se']:.3f}.", "",
               "## Key lock vs trained-K (Fig. 9b)", "",
-              "lock_gain: mean over the fidelities both β fronts reach of front(locked) − front(trained-K), front(f) = "
-              "best alignment at fidelity ≥ f. Its standard error is the larger of a bootstrap over images (sampling "
-              "noise only) and the runs' spread / √runs (each run trains its own concepts).", "",
+              "lock_gain: mean over the fidelities both β fronts reach of front(locked) − front(trained-K), "
+              "front(f) = best alignment at fidelity ≥ f. Its standard error is the larger of a bootstrap over "
+              "images (sampling noise only) and the runs' spread / √runs (each run trains its own concepts).", "",
               f"- pooled lock_gain = {s['lock_gain']:+.3f} ± {s['lock_gain_se']:.3f} (images: "
               f"{s['lock_gain_se_images']:.3f}, runs: {s['lock_gain_se_runs']:.3f})",
               f"- per run: {' / '.join(f'{g:+.3f}' for g in s['lock_gain_runs'])}",
-              "- highest fidelity on each front: " + ", ".join(f"{k} {v:.3f}" for k, v in s["front_fidelity_reach"].items()),
+              "- highest fidelity on each front: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in s["front_fidelity_reach"].items()),
               f"- verdict: **{s['lock_verdict']}**", ""]
     au = s["automatic_beta"]
     lines += ["## Automatic β (the gate Train Concept recommends)", "",
@@ -69,16 +72,18 @@ def tables(results: dict) -> list[str]:
               f"- chosen β (local lock) per run: {' / '.join(f'{b:.3f}' for b in au['beta_runs'])}; τ "
               f"{' / '.join(f'{t:.3f}' for t in au['tau_runs'])}; measured (not the paper's fallback): "
               f"{' / '.join(str(c) for c in au['chosen_runs'])}",
-              f"- H automatic {au['H']:.3f}; H at the fixed β {results['settings']['beta']} {au['H_fixed_beta']:.3f}; best H "
-              f"of the β sweep {au['best_H_of_sweep']:.3f} (β {au['best_H_beta']})", ""]
+              f"- H automatic {au['H']:.3f}; H at the fixed β {results['settings']['beta']} {au['H_fixed_beta']:.3f}; "
+              f"best H of the β sweep {au['best_H_of_sweep']:.3f} (β {au['best_H_beta']})", ""]
     for r, run in enumerate(results["runs"]):
         lines += [f"- run {r}, {t}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in g.items()) for t, g in run["gates"].items()]
     lines += ["",
               "## Two concepts trained separately, in one prompt (β = headline, τ 0.15)", "",
-              "In place: each half's object matches its own concept's colour make-up (histogram intersection > 0.3 and "
-              "above the other concept's); 'named': a concept beside an ordinary object whose colour is named.", "",
-              "| trainer | key lock | both in place (all) | left/right | top/bottom | concept + named object | per-run (all) |",
+              "In place: each half's object matches its own concept's colour make-up (histogram intersection > 0.3 "
+              "and above the other concept's); 'named': a concept beside an ordinary object whose colour is named.",
+              "",
+              "| trainer | key lock | both in place (all) | left/right | top/bottom | concept + named object "
+              "| per-run (all) |",
               "|---|---|---|---|---|---|---|"]
     for m in results["multi"]:
         lines.append(f"| {m['trainer']} | {m['lock']} | {pm(m['two'])} | {pm(m['two left/right'])} | "
@@ -91,7 +96,8 @@ def tables(results: dict) -> list[str]:
     for r, run in enumerate(results["runs"]):
         for label, c in run["compositions"].items():
             lines.append(f"- run {r}, {label}: gates {c['own_gate_min']:.3f}, {c['cross_gate']:.3f}, "
-                         f"{c['other_tokens_gate_max']:.3f}; attention " + ", ".join(f"{k} {v:.2f}" for k, v in c["attention"].items()))
+                         f"{c['other_tokens_gate_max']:.3f}; attention "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in c["attention"].items()))
         lines.append(f"- run {r}, superclass words' attention: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in run["superclass_attention"].items()))
     lines.append("")
@@ -105,13 +111,14 @@ def tables(results: dict) -> list[str]:
         lines.append("")
     lines += [
               "## Where each concept's gate opens (per run)", "",
-              "s_train: s at the trigger in the 9 training templates; s_at_superclass: s of the bare superclass word's "
-              "encoding e_sup; i_moved: ‖i − e_sup‖ / ‖e_sup‖ in the C⁻¹ metric; embedding_moved: relative change of "
-              "the trigger's input embedding.", ""]
+              "s_train: s at the trigger in the 9 training templates; s_at_superclass: s of the bare superclass "
+              "word's encoding e_sup; i_moved: ‖i − e_sup‖ / ‖e_sup‖ in the C⁻¹ metric; embedding_moved: relative "
+              "change of the trigger's input embedding.", ""]
     names = list(next(iter(results["runs"][0]["diagnosis"].values())))
     lines += ["| run | concept | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for r, run in enumerate(results["runs"]):
-        lines += [f"| {r} | {k} | " + " | ".join(f"{v[n]:.3f}" for n in names) + " |" for k, v in run["diagnosis"].items()]
+        lines += [f"| {r} | {k} | " + " | ".join(f"{v[n]:.3f}" for n in names) + " |"
+                  for k, v in run["diagnosis"].items()]
     lines += ["", f"Fine-tuned copy: mean relative change of the cross-attention K/V weights "
               f"{results['finetune_weight_change']:.3f}.", "", "## Summary", "", "```",
               json.dumps(s, indent=1), "```", "", f"Settings: {json.dumps(results['settings'])}", ""]
@@ -121,7 +128,8 @@ def tables(results: dict) -> list[str]:
 def write(out: Path, results: dict, grids, log_lines: list[str]) -> None:
     lines = tables(results)
     (out / "results.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    (out / "results.json").write_text(json.dumps(results, indent=1,
+                                                 default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     (out / "log.txt").write_text("\n".join(log_lines))
     pareto_png(results["points"], results["points_per_run"], out / "pareto.png")
     samples_png(grids, out / "samples.png")
@@ -131,7 +139,8 @@ def write(out: Path, results: dict, grids, log_lines: list[str]) -> None:
 STYLES = {("key-locked", "base"): "blue", ("trained-K", "base"): "red", ("embedding only (TI)", "base"): "green",
           ("superclass only", "base"): "gray", ("key-locked 1-shot", "base"): "purple",
           ("key-locked, leak-aware C", "base"): "magenta", ("key-locked, automatic β", "base"): "brown",
-          ("key-locked", "finetuned"): "cyan", ("trained-K", "finetuned"): "orange", ("superclass only", "finetuned"): "black"}
+          ("key-locked", "finetuned"): "cyan", ("trained-K", "finetuned"): "orange",
+          ("superclass only", "finetuned"): "black"}
 
 
 def pareto_png(points: list[dict], per_run: list[dict], path: Path) -> None:
@@ -155,7 +164,8 @@ def pareto_png(points: list[dict], per_run: list[dict], path: Path) -> None:
     d.text((8, 20), "text alignment (fraction of procedural checks passed); thin lines: single runs", fill="black")
     legend_y = h - m - 8 - 16 * len(STYLES)  # lower left: the fronts run along the top right
     for (method, model), colour in STYLES.items():
-        mine = sorted((p for p in points if p["method"] == method and p["model"] == model), key=lambda p: p["fidelity"])
+        mine = sorted((p for p in points if p["method"] == method and p["model"] == model),
+                      key=lambda p: p["fidelity"])
         if not mine:
             continue
         runs = [p for p in per_run if p["method"] == method and p["model"] == model]
@@ -167,8 +177,10 @@ def pareto_png(points: list[dict], per_run: list[dict], path: Path) -> None:
             d.line([(X(p["fidelity"]), Y(p["alignment"])) for p in mine], fill=colour, width=3)
         for p in mine:
             x, y = X(p["fidelity"]), Y(p["alignment"])
-            d.line([(x, Y(p["alignment"] - p["alignment_se"])), (x, Y(p["alignment"] + p["alignment_se"]))], fill=colour, width=2)
-            d.line([(X(p["fidelity"] - p["fidelity_se"]), y), (X(p["fidelity"] + p["fidelity_se"]), y)], fill=colour, width=2)
+            d.line([(x, Y(p["alignment"] - p["alignment_se"])), (x, Y(p["alignment"] + p["alignment_se"]))],
+                   fill=colour, width=2)
+            d.line([(X(p["fidelity"] - p["fidelity_se"]), y), (X(p["fidelity"] + p["fidelity_se"]), y)],
+                   fill=colour, width=2)
             d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
             if p["beta"] is not None:
                 d.text((x + 7, y - 12), f"b={p['beta']}", fill=colour)

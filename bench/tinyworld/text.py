@@ -105,7 +105,8 @@ class Encoder(torch.nn.Module):
             c = [col for s in slots[t] for col in s]
             if vector is not None and r:
                 embeds = embeds.index_put((torch.tensor(r), torch.tensor(c)), vector[0].to(embeds).expand(len(r), -1))
-        return self.forward_embeds(embeds, mask) * mask[..., None], mask, slots  # padding rows zero: the UNet masks them
+        # padding rows zero: the UNet masks them
+        return self.forward_embeds(embeds, mask) * mask[..., None], mask, slots
 
     @torch.no_grad()
     def encode_plain(self, prompts: list[str]) -> Tensor:
@@ -137,12 +138,14 @@ class TextEncoder(Encoder):
         return cls(load_file(path / "model.safetensors"), vocab)
 
     @classmethod
-    def random(cls, words: list[str], width: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> "TextEncoder":
+    def random(cls, words: list[str], width: int = 32, layers: int = 2, heads: int = 4,
+               seed: int = 0) -> "TextEncoder":
         """A small random-weight BERT over ``words`` (tests without the package)."""
         g = torch.Generator().manual_seed(seed)
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *sorted(set(words))]
         r = lambda *s: torch.randn(*s, generator=g) * 0.2
-        w = {"embeddings.word_embeddings.weight": r(len(vocab), width), "embeddings.position_embeddings.weight": r(64, width),
+        w = {"embeddings.word_embeddings.weight": r(len(vocab), width),
+             "embeddings.position_embeddings.weight": r(64, width),
              "embeddings.token_type_embeddings.weight": r(2, width),
              "embeddings.LayerNorm.weight": torch.ones(width), "embeddings.LayerNorm.bias": torch.zeros(width)}
         for n in range(layers):
@@ -189,7 +192,8 @@ class TextEncoder(Encoder):
     def forward_embeds(self, embeds: Tensor, mask: Tensor) -> Tensor:
         """Hidden states (B, L, D) from input word embeddings (B, L, D) and a real-token mask (B, L)."""
         b, length, d = embeds.shape
-        x = embeds + self.w["embeddings.position_embeddings.weight"][:length] + self.w["embeddings.token_type_embeddings.weight"][0]
+        x = (embeds + self.w["embeddings.position_embeddings.weight"][:length]
+             + self.w["embeddings.token_type_embeddings.weight"][0])
         x = self._ln(x, "embeddings.LayerNorm")
         bias = torch.zeros(b, 1, 1, length).masked_fill(~mask[:, None, None, :], float("-inf"))
         h = self.heads

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import shutil
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,8 +14,6 @@ PHOTO = "chelsea.png"
 CONCEPT = "hugsy-random.safetensors"
 FRONTEND_PACKAGE = "comfyui-frontend-package"
 VUE_NODES_SINCE = (1, 27, 1)  # the front end that added the Comfy.VueNodes.Enabled setting
-if str(REPO / "tools") not in sys.path:
-    sys.path.append(str(REPO / "tools"))
 
 
 def browser_missing() -> str | None:

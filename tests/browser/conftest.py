@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from browser_env import CONCEPT, PHOTO  # also puts tools/ on sys.path
+from tools import comfy_host
 
-import comfy_host  # noqa: E402  (stdlib only)
+from browser_env import CONCEPT, PHOTO
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +17,9 @@ def ui_server(tmp_path_factory):
     import skimage.data
     from PIL import Image
 
-    from factories import random_concept
     from perfusion_ops.concept_file import save_concept
-    from smoke_checkpoint import attn2_layers, checkpoint_path
+    from tools.factories import random_concept
+    from tools.smoke_checkpoint import attn2_layers, checkpoint_path
 
     layout = comfy_host.Layout(tmp_path_factory.mktemp("comfy-ui"))
     layout.add_model("checkpoints", checkpoint_path("small"))

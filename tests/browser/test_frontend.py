@@ -1,4 +1,4 @@
-"""The front-end extension (js/perfusion.js) and its route (nodes/routes.py) in a real ComfyUI server.
+"""The front-end extension (js/perfusion.js) and its route (perfusion_comfy/routes.py) in a real ComfyUI server.
 
 The route and the served script are checked over HTTP. The browser test drives ComfyUI's own web UI in headless
 Chromium (Debian's package, through playwright-core; set up by tools/setup_browser.sh, skipped with the reason when
@@ -6,7 +6,8 @@ absent), once per renderer the tree's front end has: classic canvas nodes (2024 
 nodes ("Nodes 2.0", current front end only). Each run loads every workflow in example_workflows/ (no missing nodes;
 the prompt the UI would queue equals tools/workflow_api.py's conversion), queues train_concept.json with tiny
 settings through the Queue/Run button and checks the live loss chart, step counter, preview render and toast, feeds
-the panel a resumed run's messages, queues a run the node refuses (error in the panel and a toast), then checks the trigger/superclass/β-τ labels on Load Concept and Apply,
+the panel a resumed run's messages, queues a run the node refuses (error in the panel and a toast), then checks the
+trigger/superclass/β-τ labels on Load Concept and Apply,
 the recommended-β/τ menu item, and a corrupt file's error. Screenshots go to
 .cache/artifacts/browser/<tree>-<renderer>/.
 """
@@ -22,11 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from browser_env import (ARTIFACTS, BROWSER_DIR, CONCEPT, PHOTO, REPO, browser_missing,  # puts tools/ on sys.path
-                         tree_name, vue_nodes_missing)
+from tools import comfy_host
+from tools import workflow_api as wa
 
-import comfy_host  # noqa: E402
-import workflow_api as wa  # noqa: E402
+from browser_env import ARTIFACTS, BROWSER_DIR, CONCEPT, PHOTO, REPO, browser_missing, tree_name, vue_nodes_missing
 
 JS = REPO / "js" / "perfusion.js"
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))

@@ -6,16 +6,9 @@ lives in module globals, so one in-process host serves the whole run, and a serv
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "tools") not in sys.path:
-    sys.path.append(str(REPO / "tools"))
-
-import comfy_host  # noqa: E402  (stdlib only)
+from tools import comfy_host
 
 
 def _require_torch():
@@ -28,8 +21,9 @@ def _require_torch():
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """The in-process ComfyUI (``comfy_host.Host``): ``.nodes``, ``.execution``, ``.folder_paths``,
-    ``.comfy``, ``.model_management``, ``.layout``, ``.pack``/``.pack_error``; ``.run(prompt)``,
-    ``.validate(prompt)``, ``.node(name)``, ``.capture_logs()``, ``.refresh_models()``, ``.progress``."""
+    ``.comfy``, ``.model_management``, ``.layout``, ``.pack``/``.pack_error``, ``.adapter`` (perfusion_comfy);
+    ``.run(prompt)``, ``.validate(prompt)``, ``.node(name)``, ``.capture_logs()``, ``.refresh_models()``,
+    ``.progress``."""
     _require_torch()
     return comfy_host.start_in_process(tmp_path_factory.mktemp("comfy"))
 
@@ -44,14 +38,14 @@ def _register(host, folder, path):
 def small_checkpoint(comfy):
     """The small random SD1.5 checkpoint, linked into the host's checkpoints folder.
     A Path whose ``.name`` is the ``ckpt_name`` ComfyUI lists."""
-    from smoke_checkpoint import checkpoint_path
+    from tools.smoke_checkpoint import checkpoint_path
     return _register(comfy, "checkpoints", checkpoint_path("small"))
 
 
 @pytest.fixture(scope="session")
 def small_lora(comfy):
     """A random kohya-style LoRA on the small checkpoint's attn2 to_k/to_v, in the host's loras folder."""
-    from smoke_checkpoint import lora_path
+    from tools.smoke_checkpoint import lora_path
     return _register(comfy, "loras", lora_path("small"))
 
 
@@ -61,7 +55,7 @@ def server(tmp_path_factory):
     ``.wait``, ``.run``, ``.view``, ``.layout``), with the small checkpoint and LoRA in its model folders.
     Stopped at the end of the session."""
     _require_torch()
-    from smoke_checkpoint import checkpoint_path, lora_path
+    from tools.smoke_checkpoint import checkpoint_path, lora_path
     layout = comfy_host.Layout(tmp_path_factory.mktemp("comfy-server"))
     layout.add_model("checkpoints", checkpoint_path("small"))
     layout.add_model("loras", lora_path("small"))
@@ -71,4 +65,4 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-from perfusion_fixtures import concept_files, concept_files_server, photo_name  # noqa: E402,F401
+from perfusion_fixtures import concept_files, concept_files_server, photo_name  # noqa: F401

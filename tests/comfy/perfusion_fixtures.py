@@ -17,15 +17,15 @@ def photo_name(comfy):
 
 
 class ConceptFiles(dict):
-    """``{trigger: file name in models/perfusion}``, and ``.concept(trigger)`` read with the pack's loader."""
+    """``{trigger: file name in models/perfusion}``, and ``.concept(trigger)`` read with the core's loader."""
 
     def __init__(self, host, files):
         super().__init__(files)
         self.host = host
 
     def concept(self, trigger):
-        path = self.host.layout.folder("perfusion") / self[trigger]
-        return self.host.pack.perfusion_ops.concept_file.load_concept(path)
+        from perfusion_ops.concept_file import load_concept
+        return load_concept(self.host.layout.folder("perfusion") / self[trigger])
 
 
 @pytest.fixture(scope="session")
@@ -39,13 +39,14 @@ def concept_files(comfy, small_checkpoint, photo_name):
 @pytest.fixture(scope="session")
 def concept_files_server(server, comfy, concept_files):
     """The server's perfusion folder: a good concept, one for SD2-width text, and a corrupt file."""
-    from factories import random_concept
+    from perfusion_ops.concept_file import save_concept
+    from tools.factories import random_concept
 
     folder = server.layout.folder("perfusion")
     good = comfy.layout.folder("perfusion") / concept_files["hugsy"]
     (folder / "hugsy.safetensors").write_bytes(good.read_bytes())
     layers = {layer: t.shape[0] for layer, t in concept_files.concept("hugsy").value_outputs.items()}
     wide = random_concept(width=1024, layers=layers)
-    comfy.pack.perfusion_ops.concept_file.save_concept(wide, folder / "sd2-concept.safetensors")
+    save_concept(wide, folder / "sd2-concept.safetensors")
     (folder / "corrupt.safetensors").write_bytes(good.read_bytes()[:700])
     return folder

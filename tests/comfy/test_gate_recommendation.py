@@ -7,13 +7,16 @@ import re
 
 import pytest
 
+import perfusion_ops.gate_choice
+from perfusion_ops.concept_file import load_concept
+
 from graphs import train_graph
 
 
 def trained(comfy, checkpoint, photo, name):
     with comfy.capture_logs() as logs:
         concept, _ = comfy.run(train_graph(checkpoint, photo, name, "cat", name, steps=3), fresh=True)["train"]
-    saved = comfy.pack.perfusion_ops.concept_file.load_concept(comfy.layout.folder("perfusion") / f"{name}.safetensors")
+    saved = load_concept(comfy.layout.folder("perfusion") / f"{name}.safetensors")
     assert saved.recommended("local") == pytest.approx(concept.recommended("local"), abs=1e-6)
     assert saved.recommended("global") == pytest.approx(concept.recommended("global"), abs=1e-6)
     return saved, logs
@@ -23,7 +26,7 @@ def trained(comfy, checkpoint, photo, name):
 def test_training_saves_the_measured_gate_and_says_so(comfy, small_checkpoint, photo_name, monkeypatch, min_gap):
     """The gap a 3-step concept of a random model has is arbitrary, so the test sets the smallest gap that counts:
     -10 makes any a gap (the measured branch), 10 none (the paper's gate)."""
-    monkeypatch.setattr(comfy.pack.perfusion_ops.gate_choice, "MIN_GAP", min_gap)
+    monkeypatch.setattr(perfusion_ops.gate_choice, "MIN_GAP", min_gap)
     saved, logs = trained(comfy, small_checkpoint.name, photo_name, "gaty")
     line = next(line for line in logs if "gate for 'gaty'" in line)
     low, other, after = (float(x) for x in re.search(
@@ -45,7 +48,8 @@ def test_a_failed_measurement_keeps_the_paper_gate_and_the_concept(comfy, small_
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access (test)")
 
-    monkeypatch.setattr(comfy.pack.nodes.train, "choose_gate", broken)
+    monkeypatch.setattr(comfy.adapter.train, "choose_gate", broken)
     saved, logs = trained(comfy, small_checkpoint.name, photo_name, "gatefail")
     assert any("measuring the gate of 'gatefail' failed (RuntimeError: CUDA error" in line for line in logs), logs
-    assert saved.info["gate"] == "the paper's (not measured)" and saved.recommended("local") == pytest.approx((0.7, 0.15))
+    assert (saved.info["gate"] == "the paper's (not measured)"
+            and saved.recommended("local") == pytest.approx((0.7, 0.15)))

@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the ComfyUI host tests need torch")
 
-import comfy_host  # noqa: E402  (tests/comfy/conftest.py puts tools/ on sys.path)
-import smoke_checkpoint as sc  # noqa: E402
+from tools import comfy_host
+from tools import smoke_checkpoint as sc
 
 # What a real SD1.5 file also lacks: ComfyUI logs these as "clip missing" for v1-5-pruned too.
 CLIP_EXTRA_IN_COMFY = {"text_projection.weight", "logit_scale"}
@@ -62,7 +62,7 @@ def test_layouts_are_detected_as_sd15_from_shapes(comfy, variant):
         assert cfg.unet_config["num_res_blocks"] == [2, 2, 2, 2]
         assert cfg.unet_config["transformer_depth_output"] == [1] * 9 + [0] * 3
         assert sum(math.prod(s) for s in unet.values()) == 859_520_964  # SD1.5's UNet parameter count
-        from perfusion_ops.layers import SD15_LAYERS
+        from tools.factories import SD15_LAYERS
         assert attn2 == SD15_LAYERS
 
 
@@ -105,8 +105,9 @@ def test_lora_patches_every_attn2_key(comfy, small_checkpoint, small_lora, loade
     assert set(patched.patches) == expected
     prompt = comfy_host.txt2img_prompt(small_checkpoint.name, "a photo of a cat", negative="blurry", seed=7)
     base = comfy.run(prompt)["5"][0]["samples"]  # cached when the txt2img test ran first
-    prompt["8"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": small_lora.name,
-                                                          "strength_model": 1.0, "strength_clip": 1.0}}
+    prompt["8"] = {"class_type": "LoraLoader",
+                   "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": small_lora.name,
+                              "strength_model": 1.0, "strength_clip": 1.0}}
     prompt["5"]["inputs"]["model"] = ["8", 0]
     with_lora = comfy.run(prompt)["5"][0]["samples"]
     assert not torch.equal(base, with_lora)

@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from perfusion_ops.edit import AppliedConcept, JointEdit
+
 from graphs import sampling_graph
 
 PROMPT = "a photo of a {} sitting on a wooden table, studio light"
@@ -107,26 +109,28 @@ def test_chaining_is_order_free_and_equals_the_core_joint_edit(comfy, loaded, co
     context[0, 5] = a.target_input
     context[1, 7] = b.target_input
     got_ab, got_ba = projections(comfy, ab, context), projections(comfy, ba, context)
-    pack = comfy.pack.perfusion_ops.edit
-    joint = pack.JointEdit([pack.AppliedConcept(a, 0.6, 0.15), pack.AppliedConcept(b, 0.7, 0.2)])
+    joint = JointEdit([AppliedConcept(a, 0.6, 0.15), AppliedConcept(b, 0.7, 0.2)])
     comfy.model_management.load_models_gpu([model])
     unet = model.model.diffusion_model
     for layer, (k, v) in got_ab.items():
         attention = unet.get_submodule(layer)
         with torch.inference_mode():
-            want_k = joint.projection(layer, "k", lambda x: torch.nn.functional.linear(x, attention.to_k.weight))(context)
-            want_v = joint.projection(layer, "v", lambda x: torch.nn.functional.linear(x, attention.to_v.weight))(context)
+            want_k = joint.projection(layer, "k",
+                                      lambda x: torch.nn.functional.linear(x, attention.to_k.weight))(context)
+            want_v = joint.projection(layer, "v",
+                                      lambda x: torch.nn.functional.linear(x, attention.to_v.weight))(context)
         assert torch.allclose(k, want_k, atol=1e-5, rtol=1e-5) and torch.allclose(v, want_v, atol=1e-5, rtol=1e-5)
         assert torch.allclose(got_ba[layer][0], k, atol=1e-5) and torch.allclose(got_ba[layer][1], v, atol=1e-5)
     again = apply(comfy, ab, clip, a, 0.6, 0.15)[0]  # the same concept again replaces, never doubles
-    assert [e.concept.trigger for e in comfy.pack.nodes.patching.applied_concepts(again)] == ["zorbo", "hugsy"]
+    assert [e.concept.trigger for e in comfy.adapter.patching.applied_concepts(again)] == ["zorbo", "hugsy"]
 
 
 def test_the_recommended_gate_is_the_concept_files(comfy, loaded, concept_files):
     """gate 'recommended (… lock)' applies the file's β/τ for that lock, bit for bit as the widgets set to them;
     without the gate input (API prompts from before it) the widgets count."""
     model, clip = loaded
-    concept = replace(concept_files.concept("hugsy"), beta_local=0.55, tau_local=0.07, beta_global=0.35, tau_global=0.2)
+    concept = replace(concept_files.concept("hugsy"), beta_local=0.55, tau_local=0.07, beta_global=0.35,
+                      tau_global=0.2)
     context = torch.randn(1, 77, 768) * 0.5
     context[0, 6] = concept.target_input
     for gate, lock in (("recommended (local lock)", "local"), ("recommended (global lock)", "global")):
@@ -152,7 +156,8 @@ def test_every_value_the_gate_widgets_offer_is_one_apply_accepts(comfy, loaded, 
         apply(comfy, model, clip, concept_files.concept("hugsy"), beta, tau, strength=strength)
     train = comfy.node("PerfusionTrainConcept").INPUT_TYPES()["required"]
     assert inputs["tau"][1]["min"] > 0 and train["train_tau"][1]["min"] > 0
-    assert (train["train_beta"][1]["min"], train["train_beta"][1]["max"]) == (inputs["beta"][1]["min"], inputs["beta"][1]["max"])
+    assert ((train["train_beta"][1]["min"], train["train_beta"][1]["max"])
+            == (inputs["beta"][1]["min"], inputs["beta"][1]["max"]))
 
 
 def test_strength_scales_the_edit_linearly(comfy, loaded, concept_files):
@@ -166,7 +171,8 @@ def test_strength_scales_the_edit_linearly(comfy, loaded, concept_files):
     for layer, (k0, v0) in plain.items():
         (k_off, v_off), (k_half, v_half), (k_full, v_full) = (got[s][layer] for s in (0.0, 0.5, 1.0))
         assert torch.allclose(k_off, k0, atol=1e-5) and torch.allclose(v_off, v0, atol=1e-5), layer
-        assert torch.allclose(v_half, (v0 + v_full) / 2, atol=1e-5) and torch.allclose(k_half, (k0 + k_full) / 2, atol=1e-5)
+        assert (torch.allclose(v_half, (v0 + v_full) / 2, atol=1e-5)
+                and torch.allclose(k_half, (k0 + k_full) / 2, atol=1e-5))
         moved = max(moved, float((v_full - v0).abs().max()))
     assert moved > 1e-2, moved  # the full-strength edit really changed the output
     with pytest.raises(Exception, match="strength"):
@@ -185,7 +191,7 @@ def test_outside_start_at_end_at_the_model_is_the_plain_one(comfy, loaded, conce
         negative = comfy.node("CLIPTextEncode")().encode(patched_clip, "blurry")[0]
         latent_in = comfy.node("EmptyLatentImage")().generate(64, 64, 1)[0]
     comfy.model_management.load_models_gpu([patched])
-    sampling = comfy.pack.nodes.patching.model_sampling(patched)
+    sampling = comfy.adapter.patching.model_sampling(patched)
     unet = patched.model.diffusion_model
     attention = unet.get_submodule(next(iter(concept.value_outputs)))
     calls = []  # per UNet call: [σ, (edited, host) per projection call]
@@ -195,7 +201,8 @@ def test_outside_start_at_end_at_the_model_is_the_plain_one(comfy, loaded, conce
         calls.append([float(sampling.sigma(timestep.flatten()[:1]))])
 
     hooks = [unet.register_forward_pre_hook(unet_call, with_kwargs=True)]
-    hooks += [m.register_forward_hook(lambda mod, args, out: calls[-1].append((out.clone(), type(mod).forward(mod, args[0]))))
+    hooks += [m.register_forward_hook(lambda mod, args, out: calls[-1].append((out.clone(),
+                                                                               type(mod).forward(mod, args[0]))))
               for m in (attention.to_k, attention.to_v)]
     sample_hooked(comfy, patched, hooks, 6, cond, negative, latent_in)
     high, low = sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at)
@@ -220,10 +227,10 @@ def test_lora_and_perfusion_compose(comfy, loaded, small_lora, concept_files):
     lora_weights = {n: (m.to_k.weight.clone(), m.to_v.weight.clone())
                     for n, m in lora_model.model.diffusion_model.named_modules() if n.endswith("attn2")}
     comfy.model_management.load_models_gpu([model])
-    plain_weights = {n: m.to_k.weight.clone() for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2")}
+    plain_weights = {n: m.to_k.weight.clone()
+                     for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2")}
     assert any(not torch.equal(lora_weights[n][0], plain_weights[n]) for n in plain_weights), "LoRA did not patch"
-    pack = comfy.pack.perfusion_ops.edit
-    joint = pack.JointEdit([pack.AppliedConcept(concept, 0.7, 0.15)])
+    joint = JointEdit([AppliedConcept(concept, 0.7, 0.15)])
     lora_then_edit = apply(comfy, lora_model, clip, concept)[0]
     with torch.inference_mode():
         edit_then_lora = comfy.node("LoraLoader")().load_lora(apply(comfy, model, clip, concept)[0], clip,
@@ -234,7 +241,8 @@ def test_lora_and_perfusion_compose(comfy, loaded, small_lora, concept_files):
             with torch.inference_mode():
                 want_k = joint.projection(layer, "k", lambda x: x @ wk.T)(context)
                 want_v = joint.projection(layer, "v", lambda x: x @ wv.T)(context)
-            assert torch.allclose(got[layer][0], want_k, atol=1e-4) and torch.allclose(got[layer][1], want_v, atol=1e-4)
+            assert (torch.allclose(got[layer][0], want_k, atol=1e-4)
+                    and torch.allclose(got[layer][1], want_v, atol=1e-4))
 
 
 def another_packs_wrapper(apply_model, args):
@@ -244,8 +252,9 @@ def another_packs_wrapper(apply_model, args):
 
 @pytest.mark.parametrize("foreign", [False, True], ids=["alone", "beside-another-wrapper"])
 def test_global_key_lock_feeds_k_the_superclass_prompt(comfy, loaded, concept_files, foreign):
-    if foreign and comfy.pack.nodes.model_call.WrappersMP is None:
-        pytest.skip("the 2024 tree has one unet function wrapper slot: a wrapper set after Apply replaces the key lock's")
+    if foreign and comfy.adapter.model_call.WrappersMP is None:
+        pytest.skip("the 2024 tree has one unet function wrapper slot: "
+                    "a wrapper set after Apply replaces the key lock's")
     model, clip = loaded
     concept = concept_files.concept("hugsy")
     patched, patched_clip = apply(comfy, model, clip, concept, 0.5, 0.15)

@@ -82,7 +82,7 @@ def test_captions_file_offers_the_caption_folder_with_the_builtin_corpus_first(c
     assert "captions_file" in spec["optional"]
     choices, options = spec["optional"]["captions_file"]
     assert choices[0] == "" and options["default"] == "" and "laion-sample.txt" in choices
-    assert comfy.pack.nodes.train.covariance_captions_for("laion-sample.txt", 16) == ["a red bus", "a cat on a mat"]
+    assert comfy.adapter.train.covariance_captions_for("laion-sample.txt", 16) == ["a red bus", "a cat on a mat"]
 
 
 def test_old_prompts_with_an_empty_captions_file_still_validate(comfy, small_checkpoint, photo_name):
@@ -143,12 +143,13 @@ def test_the_covariance_cache_is_keyed_on_the_captions_it_was_estimated_from(com
     """Two caption files of the same length give two Cs; the same file again is a cache hit."""
     words = {"animals": ("cat", "dog", "owl", "fox"), "vehicles": ("bus", "car", "boat", "train")}
     files = {kind: captions_folder(f"{kind}.txt", lambda p, w=w: p.write_text(
-        "".join(f"a photo of a {x} {where}\n" for x in w for where in ("on a beach", "at night", "in snow", "indoors")),
+        "".join(f"a photo of a {x} {where}\n"
+                for x in w for where in ("on a beach", "at night", "in snow", "indoors")),
         encoding="utf-8")).name for kind, w in words.items()}
-    train = comfy.pack.nodes.train
+    train = comfy.adapter.train
     model, clip, _ = loaded
     with torch.inference_mode(False):
-        host = comfy.pack.nodes.training_host.ComfyTrainingHost(model, clip)
+        host = comfy.adapter.training_host.ComfyTrainingHost(model, clip)
         inverse = {kind: train.inverse_covariance(host, train.covariance_captions_for(name, 16))
                    for kind, name in files.items()}
         again = train.inverse_covariance(host, train.covariance_captions_for(files["animals"], 16))
@@ -162,7 +163,7 @@ def test_concept_info_parses_off_the_event_loop(comfy, concept_files, monkeypatc
     """While one concept file is being parsed, the server's loop answers other requests."""
     from aiohttp.test_utils import make_mocked_request
 
-    routes = comfy.pack.nodes.routes
+    routes = comfy.adapter.routes
     handler = next(r.handler for r in comfy.prompt_server.routes if getattr(r, "path", None) == routes.ROUTE)
     parsing, release = threading.Event(), threading.Event()
     load = routes.load_concept

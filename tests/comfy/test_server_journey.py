@@ -11,7 +11,7 @@ from PIL import Image
 from graphs import sampling_graph, train_graph
 
 torch = pytest.importorskip("torch", reason="the ComfyUI server tests need torch")
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
 
 CKPT, LORA = "sd15-small-random.safetensors", "sd15-small-random-lora.safetensors"
 PROMPT = "a photo of a {} on a wooden table"

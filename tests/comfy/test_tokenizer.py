@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from factories import random_concept
-from smoke_checkpoint import attn2_layers
+from perfusion_ops.concept_file import export_embedding
+from tools.factories import random_concept
+from tools.smoke_checkpoint import attn2_layers
 
 TRIGGERS = {"hugsy": "teddy", "zorbo": "dog"}
 
@@ -16,13 +17,13 @@ def concepts(comfy):
     """Two random concepts (one learned vector each) and a third with two vectors; each also exported as a
     textual-inversion file in the host's embeddings folder, the reference ComfyUI itself reads."""
     layers = attn2_layers("small")
-    made = {w: random_concept(seed=k, layers=layers, trigger=w, superclass=s) for k, (w, s) in enumerate(TRIGGERS.items())}
+    made = {w: random_concept(seed=k, layers=layers, trigger=w, superclass=s)
+            for k, (w, s) in enumerate(TRIGGERS.items())}
     twin = random_concept(seed=7, layers=layers, trigger="duo", superclass="cat")
     twin.embedding = torch.randn(2, 768, generator=torch.Generator().manual_seed(7)) * 0.02
     made["duo"] = twin.validate()
-    export = comfy.pack.perfusion_ops.concept_file.export_embedding
     for word, concept in made.items():
-        export(concept, comfy.layout.folder("embeddings") / f"ti-{word}.safetensors")
+        export_embedding(concept, comfy.layout.folder("embeddings") / f"ti-{word}.safetensors")
     return made
 
 
@@ -38,7 +39,7 @@ def clip(loaded):
 
 
 def wrapped(comfy, clip, concepts, words):
-    tok = comfy.pack.nodes.tokenizer
+    tok = comfy.adapter.tokenizer
     return tok.with_concepts(clip.tokenizer, {w: concepts[w] for w in words})
 
 
@@ -49,7 +50,7 @@ def encode(clip, tokens):
 
 def test_every_marker_is_one_token_of_its_own(comfy, clip, concepts):
     tokenizer = wrapped(comfy, clip, concepts, ["hugsy"])
-    ids = [tokenizer._marker_id(m) for m in comfy.pack.nodes.tokenizer.MARKERS]
+    ids = [tokenizer._marker_id(m) for m in comfy.adapter.tokenizer.MARKERS]
     assert None not in ids and len(set(ids)) == len(ids)
 
 
@@ -63,7 +64,7 @@ def test_every_marker_is_one_token_of_its_own(comfy, clip, concepts):
 def test_same_encoding_as_comfyuis_own_embedding_path(comfy, clip, concepts, prompt):
     words = [w for w in concepts if w in prompt.lower()]
     ours = wrapped(comfy, clip, concepts, concepts).tokenize_with_weights(prompt)
-    reference = comfy.pack.nodes.tokenizer.replace_triggers(prompt, {w: f"embedding:ti-{w}" for w in words})
+    reference = comfy.adapter.tokenizer.replace_triggers(prompt, {w: f"embedding:ti-{w}" for w in words})
     theirs = clip.tokenize(reference)
     assert any(isinstance(e[0], torch.Tensor) for chunk in theirs["l"] for e in chunk), "reference found no embedding"
     assert torch.equal(encode(clip, ours), encode(clip, theirs))
@@ -95,7 +96,7 @@ def test_long_prompts_keep_the_hosts_chunks_and_other_words_alone(comfy, clip, c
 
 def test_a_prompt_holding_a_marker_word_keeps_it(comfy, clip, concepts):
     tokenizer = wrapped(comfy, clip, concepts, ["hugsy"])
-    first = comfy.pack.nodes.tokenizer.MARKERS[0]
+    first = comfy.adapter.tokenizer.MARKERS[0]
     ours = flat(tokenizer.tokenize_with_weights(f"{first} hugsy {first}"))
     plain = flat(clip.tokenizer.tokenize_with_weights(f"{first} cat {first}"))
     cat = plain[2][0]  # after the start token and the marker word
@@ -116,9 +117,9 @@ def test_apply_leaves_the_input_clip_alone_and_chains_concepts(comfy, loaded, co
     with torch.inference_mode():
         m1, c1 = comfy.node("PerfusionApply")().apply(model, clip, concepts["hugsy"], 0.7, 0.15, "local")
         _, c2 = comfy.node("PerfusionApply")().apply(m1, c1, concepts["zorbo"], 0.7, 0.15, "local")
-    assert clip.tokenizer is before and comfy.pack.nodes.clip_layer.ENCODE not in clip.patcher.object_patches
-    assert sorted(comfy.pack.nodes.tokenizer.concepts_of(c2.tokenizer)) == ["hugsy", "zorbo"]
-    assert sorted(comfy.pack.nodes.tokenizer.concepts_of(c1.tokenizer)) == ["hugsy"]
+    assert clip.tokenizer is before and comfy.adapter.clip_layer.ENCODE not in clip.patcher.object_patches
+    assert sorted(comfy.adapter.tokenizer.concepts_of(c2.tokenizer)) == ["hugsy", "zorbo"]
+    assert sorted(comfy.adapter.tokenizer.concepts_of(c1.tokenizer)) == ["hugsy"]
 
 
 def test_clip_set_last_layer_after_apply_is_refused_when_a_trigger_is_encoded(comfy, loaded, concepts):

@@ -8,7 +8,8 @@ import skimage.data
 import torch
 from PIL import Image
 
-from comfy_host import ExecutionFailed
+from tools.comfy_host import ExecutionFailed
+
 from graphs import train_graph
 
 PHOTOS = {"list-cat.png": skimage.data.chelsea, "list-coffee.png": skimage.data.coffee,
@@ -117,7 +118,7 @@ def test_each_photo_of_a_list_is_cropped_as_it_would_be_alone(comfy, small_check
     with torch.inference_mode():
         model = comfy.node("CheckpointLoaderSimple")().load_checkpoint(small_checkpoint.name)[0]
         cat, coffee = tensor(skimage.data.chelsea()), tensor(skimage.data.coffee())
-        prepare = lambda images, masks=None, flip=False: comfy.pack.nodes.train.prepare_data(  # noqa: E731
+        prepare = lambda images, masks=None, flip=False: comfy.adapter.train.prepare_data(  # noqa: E731
             PixelsVAE, model, images, masks, 64, flip=flip, seed=0)
         together = prepare([cat, coffee])[0]
         assert torch.equal(together, torch.cat([prepare([cat])[0], prepare([coffee])[0]]))

@@ -1,10 +1,12 @@
 """Perfusion Train Concept in a real ComfyUI, on the small random SD1.5 checkpoint and real photos."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+
+import perfusion_ops.training
+from perfusion_ops.concept_file import load_concept
 
 from graphs import sampling_graph, train_graph
 
@@ -61,17 +63,16 @@ def test_differentiable_clip_matches_comfyui_encode(comfy, loaded):
             skip.clip_layer(layer)
             want = torch.cat([skip.encode_from_tokens(skip.tokenize(p)) for p in prompts])
         with torch.inference_mode(False):
-            got = comfy.pack.nodes.training_host.ComfyTrainingHost(model, skip, layer).encode_plain(prompts)
+            got = comfy.adapter.training_host.ComfyTrainingHost(model, skip, layer).encode_plain(prompts)
         assert torch.allclose(got.cpu(), want.float(), atol=2e-5, rtol=1e-5), (got.cpu() - want).abs().max()
 
 
 def test_training_lowers_the_fixed_loss_and_touches_only_what_it_learns(comfy, loaded):
     model, clip, vae = loaded
-    pack = comfy.pack
-    training, host_mod = pack.perfusion_ops.training, pack.nodes.training_host
+    training, host_mod = perfusion_ops.training, comfy.adapter.training_host
     unet_before, clip_before = state(model.model.diffusion_model), state(clip.cond_stage_model)
     with torch.inference_mode():
-        latents, _, _ = pack.nodes.train.prepare_data(vae, model, [photos()], None, 64, flip=True, seed=0)
+        latents, _, _ = comfy.adapter.train.prepare_data(vae, model, [photos()], None, 64, flip=True, seed=0)
     with torch.inference_mode(False):
         host = host_mod.ComfyTrainingHost(model, clip)
         settings = training.TrainSettings(steps=6, batch_size=2, grad_accum=1, lr_values=0.05, lr_embedding=0.01)
@@ -94,7 +95,8 @@ def test_training_lowers_the_fixed_loss_and_touches_only_what_it_learns(comfy, l
     assert not torch.equal(end.embedding, start_concept.embedding)
     assert all(not torch.equal(end.value_outputs[l], start_concept.value_outputs[l]) for l in end.layers)
     assert end.key_outputs is None and torch.equal(end.superclass_encoding, start_concept.superclass_encoding)
-    assert not (moved := changed(unet_before, state(model.model.diffusion_model))), f"UNet weights changed: {moved[:8]}"
+    assert not (moved := changed(unet_before,
+                                 state(model.model.diffusion_model))), f"UNet weights changed: {moved[:8]}"
     assert not (moved := changed(clip_before, state(clip.cond_stage_model))), f"CLIP weights changed: {moved[:8]}"
     assert all(p.grad is None for p in model.model.diffusion_model.parameters()), "UNet weights got gradients"
 
@@ -126,13 +128,14 @@ def test_interrupt_keeps_the_earlier_file_and_the_last_checkpoint(comfy, small_c
             mm.interrupt_current_processing(True)
 
     monkeypatch.setattr(utils.ProgressBar, "update_absolute", press_interrupt_at_step_2)
-    graph = train_graph(small_checkpoint.name, photo_name, "stoppy", "cat", "stoppy", steps=4, checkpoint_every=1, seed=1)
+    graph = train_graph(small_checkpoint.name, photo_name, "stoppy", "cat", "stoppy", steps=4, checkpoint_every=1,
+                        seed=1)
     with pytest.raises(Exception):
         comfy.run(graph, fresh=True)
     assert path.read_bytes() == earlier, "an interrupted run replaced the earlier concept file"
     checkpoint = comfy.layout.folder("perfusion") / "stoppy-checkpoint.safetensors"
     assert checkpoint.is_file()
-    assert comfy.pack.perfusion_ops.concept_file.load_concept(checkpoint).info["steps"] == "4"
+    assert load_concept(checkpoint).info["steps"] == "4"
 
 
 @pytest.mark.parametrize("case,message", [
@@ -157,7 +160,7 @@ def test_bad_training_inputs_give_clear_errors(comfy, loaded, case, message):
 
 def test_multi_token_superclass_follows_the_documented_rule(comfy, loaded):
     model, clip, _ = loaded
-    host_mod = comfy.pack.nodes.training_host
+    host_mod = comfy.adapter.training_host
     with torch.inference_mode(False):
         host = host_mod.ComfyTrainingHost(model, clip)
         embedding, e_sup = host.superclass("teddy bear")
@@ -173,8 +176,7 @@ def test_multi_token_superclass_follows_the_documented_rule(comfy, loaded):
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(comfy, loaded, monkeypatch):
     model, clip, _ = loaded
-    pack = comfy.pack
-    training, host_mod = pack.perfusion_ops.training, pack.nodes.training_host
+    training, host_mod = perfusion_ops.training, comfy.adapter.training_host
     calls = []
     original = host_mod.checkpoint
     monkeypatch.setattr(host_mod, "checkpoint", lambda *a, **k: calls.append(type(a[1]).__name__) or original(*a, **k))

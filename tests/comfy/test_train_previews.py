@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_host import ExecutionFailed
+from tools.comfy_host import ExecutionFailed
+
 from graphs import train_graph
 
 PROMPTS = "a photo of a <trigger>\n<trigger>, on a beach"
@@ -20,7 +21,7 @@ PROMPTS = "a photo of a <trigger>\n<trigger>, on a beach"
 def recorded(comfy, monkeypatch):
     """Messages to the front end (event, data) and the progress bar's previews (step, preview, the preview images in
     models/perfusion then) of the next runs; the preview sampler cut to 2 steps (CPU)."""
-    monkeypatch.setattr(comfy.pack.nodes.previews, "SAMPLER_STEPS", 2)
+    monkeypatch.setattr(comfy.adapter.previews, "SAMPLER_STEPS", 2)
     messages, bar = [], []
     send = comfy.prompt_server.send_sync
     monkeypatch.setattr(comfy.prompt_server, "send_sync", lambda event, data, *a, **k: (
@@ -84,7 +85,7 @@ def test_a_run_with_previews_trains_the_same_concept_as_one_without(comfy, small
 
 def test_a_preview_out_of_memory_turns_previews_off_and_training_goes_on(comfy, small_checkpoint, photo_name,
                                                                        recorded, monkeypatch):
-    previews = comfy.pack.nodes.previews.Previews
+    previews = comfy.adapter.previews.Previews
     render = previews.render
 
     def out_of_memory_at_step_2(self, trainer):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from perfusion_ops.concept_file import load_concept, load_training_state
+
 from graphs import train_graph
 
 RUN = {"steps": 4, "seed": 3, "checkpoint_every": 1}  # one run of 4 steps, or 2 steps, interrupted, and 2 resumed
@@ -29,7 +31,7 @@ def test_a_resumed_checkpoint_continues_the_run_and_its_loss_curve(comfy, small_
     whole_losses = [m["loss"] for m in messages]
 
     # the same run with previews on, Cancel pressed at step 2: its checkpoint holds the state after step 2
-    monkeypatch.setattr(comfy.pack.nodes.previews, "SAMPLER_STEPS", 2)
+    monkeypatch.setattr(comfy.adapter.previews, "SAMPLER_STEPS", 2)
     update = comfy.comfy.utils.ProgressBar.update_absolute
 
     def cancel_at_step_2(self, value, total=None, preview=None):
@@ -43,7 +45,7 @@ def test_a_resumed_checkpoint_continues_the_run_and_its_loss_curve(comfy, small_
     monkeypatch.setattr(comfy.comfy.utils.ProgressBar, "update_absolute", update)
     checkpoint = folder / "resumy-checkpoint.safetensors"
     assert not (folder / "resumy.safetensors").exists() and not (folder / "resumy.png").exists()
-    concept, state = comfy.pack.perfusion_ops.concept_file.load_training_state(checkpoint)
+    concept, state = load_training_state(checkpoint)
     assert state.step == 2 and state.losses.tolist() == pytest.approx(whole_losses[:2], rel=1e-6)
 
     messages.clear()
@@ -58,7 +60,7 @@ def test_a_resumed_checkpoint_continues_the_run_and_its_loss_curve(comfy, small_
     assert torch.allclose(resumed.target_input, whole.target_input, rtol=1e-5, atol=1e-6)
     assert torch.allclose(resumed_chart, whole_chart, atol=2 / 255)  # the chart shows all 4 steps
     assert not checkpoint.exists(), "the finished run left its checkpoint"
-    saved = comfy.pack.perfusion_ops.concept_file.load_concept(folder / "resumy.safetensors")
+    saved = load_concept(folder / "resumy.safetensors")
     assert saved.info["steps"] == "4"
 
 

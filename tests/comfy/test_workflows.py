@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import workflow_api as wa  # tests/comfy/conftest.py puts tools/ on sys.path
-from build_workflows import build_all, stale_files
+from tools import workflow_api as wa
+from tools.build_workflows import build_all, stale_files
 
 REPO = Path(__file__).resolve().parents[2]
 FOLDER = REPO / "example_workflows"
@@ -55,10 +55,10 @@ def test_files(comfy, small_checkpoint, photo_name):
     """What file combos become: input name -> files the host lists, used in turn. Load Concept nodes get two valid
     random concepts for the small checkpoint's layers (hugsy, zorbo: the multi-concept workflow gets both);
     training is covered by train_concept.json itself."""
-    from factories import random_concept
-    from smoke_checkpoint import attn2_layers
+    from perfusion_ops.concept_file import save_concept as save
+    from tools.factories import random_concept
+    from tools.smoke_checkpoint import attn2_layers
 
-    save = comfy.pack.perfusion_ops.concept_file.save_concept
     names = []
     for seed, (trigger, superclass) in enumerate((("hugsy", "teddy"), ("zorbo", "teapot"))):
         concept = random_concept(seed=seed, layers=attn2_layers("small"), trigger=trigger, superclass=superclass)
@@ -202,7 +202,8 @@ def test_widget_values_fit_the_node_definitions(path, object_info, test_files, c
 def test_builder_reproduces_the_committed_files(object_info):
     """In every tree: the files depend only on the pack's own node definitions and the pinned core ones."""
     stale = stale_files(build_all(object_info), FOLDER)
-    assert not stale, f"example_workflows/ differ from tools/build_workflows.py: {stale} (run it and commit the result)"
+    assert not stale, (f"example_workflows/ differ from tools/build_workflows.py: {stale} "
+                       "(run it and commit the result)")
 
 
 # ------------------------------------------------------------------------------------------ the converter

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from factories import REPO, random_concept
+from tools.factories import REPO, random_concept
 from perfusion_ops import ConceptError, export_embedding, load_concept, save_concept
 from perfusion_ops.concept import TrainingState
 from perfusion_ops.concept_file import concept_to_bytes, load_training_state
@@ -102,12 +102,15 @@ def _many_layers(t, m, count):
         (lambda t, m: t.update(embedding=torch.zeros(768, dtype=torch.float16)), "embedding must have shape"),
         (lambda t, m: t.update(extra=torch.zeros(3, dtype=torch.float16)), "tensor 'extra' is not part of"),
         (lambda t, m: t.update({"o_k.nowhere": torch.zeros(3, dtype=torch.float16)}), "not part of|different layers"),
-        (lambda t, m: t.update({"o_v.input_blocks.1.1.transformer_blocks.0.attn2": torch.zeros(0, dtype=torch.float16)}),
+        (lambda t, m: t.update({"o_v.input_blocks.1.1.transformer_blocks.0.attn2":
+                                torch.zeros(0, dtype=torch.float16)}),
          r"'o_v.input_blocks.1.1.transformer_blocks.0.attn2' has shape \(0,\)"),
-        (lambda t, m: t.update({"o_v.input_blocks.1.1.transformer_blocks.0.attn2": torch.zeros(9000, dtype=torch.float16)}),
+        (lambda t, m: t.update({"o_v.input_blocks.1.1.transformer_blocks.0.attn2":
+                                torch.zeros(9000, dtype=torch.float16)}),
          r"has shape \(9000,\)"),
         (lambda t, m: _many_layers(t, m, 129), "129 layers: a concept edits 1 to 128"),
-        (lambda t, m: t.update({f"o_k.{k[4:]}": torch.zeros(3, dtype=torch.float16) for k in list(t) if k[:4] == "o_v."}),
+        (lambda t, m: t.update({f"o_k.{k[4:]}": torch.zeros(3, dtype=torch.float16)
+                                for k in list(t) if k[:4] == "o_v."}),
          r"'o_k\.[\w.]+' has shape \(3,\) but 'o_v"),
     ],
 )
@@ -292,8 +295,8 @@ def test_concept_for_another_text_encoder_width_is_refused(tmp_path):
 
 def test_concept_for_another_clip_layer_is_refused_with_the_hosts_remedy(concept):
     concept.check_clip_layer(concept.clip_layer, "unused")
-    with pytest.raises(ConceptError, match=rf"layer {concept.clip_layer} .* but this CLIP uses layer -2 \(clip skip 2\)"
-                                           r".*never open; raise it"):
+    with pytest.raises(ConceptError, match=rf"layer {concept.clip_layer} .* but this CLIP uses layer -2 "
+                                           r"\(clip skip 2\).*never open; raise it"):
         concept.check_clip_layer(-2, "raise it")
 
 

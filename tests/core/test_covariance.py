@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from factories import random_covariance, real_covariance
+from tools.factories import random_covariance, real_covariance
 from perfusion_ops import CovarianceEstimator, cached_covariance, estimate_covariance, fingerprint, ridge_inverse
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from factories import random_concept, random_covariance, real_covariance, sample_encodings
+from tools.factories import random_concept, random_covariance, real_covariance, sample_encodings
 from perfusion_ops import ConceptStack, EditedProjection, SharedContext, gate, similarity
 from perfusion_ops.covariance import ridge_inverse
 from perfusion_ops.edit import AppliedConcept, JointEdit, ScheduledEdit
@@ -132,7 +132,8 @@ def test_host_dtype_precision_against_float64(dtype, tolerance):
     assert error < tolerance
 
     big = e.double() / e.double().norm(dim=-1, keepdim=True) * 1e3
-    assert torch.isfinite(EditedProjection(module, SharedContext(stack, torch.zeros(2, D)), store(outputs))(big.to(dtype))).all()
+    assert torch.isfinite(EditedProjection(module, SharedContext(stack, torch.zeros(2, D)),
+                                           store(outputs))(big.to(dtype))).all()
 
 
 def test_gradients_reach_only_learned_outputs_and_embedding():
@@ -225,7 +226,8 @@ def correlated_concepts(correlation, seed=50):
     across = norm(other - (other @ inverse @ unit_a) * unit_a)  # metric-orthogonal to i_A
     i_b = (correlation * unit_a + (1 - correlation**2) ** 0.5 * across) * (other @ inverse @ other).sqrt()
     b.target_input, b.target_key = i_b.float(), (inverse @ i_b).float()
-    assert abs(float(i_a @ inverse @ i_b / ((i_a @ inverse @ i_a) * (i_b @ inverse @ i_b)).sqrt()) - correlation) < 1e-6
+    assert abs(float(i_a @ inverse @ i_b / ((i_a @ inverse @ i_a) * (i_b @ inverse @ i_b)).sqrt())
+               - correlation) < 1e-6
     return cov, a.validate(), b.validate()
 
 

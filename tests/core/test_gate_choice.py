@@ -8,7 +8,7 @@ import torch
 from perfusion_ops.gate_choice import OPEN, caption_sample, choose_gate, gate_from_gap
 from perfusion_ops.stack import gate
 from perfusion_ops.training import Sample, TrainSettings, Trainer
-from factories import random_concept
+from tools.factories import random_concept
 from toy_host import WIDTH, ToyHost
 
 D = 768
@@ -31,7 +31,8 @@ def rows(values):
 
 
 def fake_encoders(trigger_s, following_s, other_s):
-    """``encode``: each held-out prompt is [BOS 0.0, trigger, following...]; ``encode_plain``: every prompt is other_s."""
+    """``encode``: each held-out prompt is [BOS 0.0, trigger, following...]; ``encode_plain``: every prompt is
+    other_s."""
     def encode(prompts, trigger, embedding):
         context = rows([[0.0, t, *following_s] for t in trigger_s[:len(prompts)]])
         return context, context[:, 1]

@@ -1,6 +1,6 @@
 """Smoke test of the TinyWorld benchmark (bench/tinyworld/): renderer, procedural checks, model, and the core's
 Perfusion training loop running on an untrained tiny world model through the TrainingHost adapter. No world
-training here (bench/tinyworld.py does that); a random small text encoder stands in for MiniLM."""
+training here (python -m bench.tinyworld does that); a random small text encoder stands in for MiniLM."""
 import random
 
 import numpy as np
@@ -35,7 +35,8 @@ def test_renderer_draws_what_the_caption_says_and_checks_read_it_back():
     infos = analyse(torch.from_numpy(images))
     for scene, info, mask in zip(scenes, infos, masks):
         thing = scene.things[0]
-        assert (info["colour"], info["position"], info["background"]) == (thing.colour, thing.position, scene.background)
+        assert ((info["colour"], info["position"], info["background"])
+                == (thing.colour, thing.position, scene.background))
         assert abs(info["area"] - mask.sum()) < 0.2 * mask.sum()
     assert infos[1]["area"] < infos[0]["area"]  # small vs large
     rng = random.Random(0)
@@ -97,8 +98,8 @@ def test_perfusion_trains_on_the_tiny_world_through_the_adapter(host):
     locked.validate()
     assert all(torch.equal(v, host.unet.state_dict()[k]) for k, v in frozen.items())  # UNet untouched
     assert all("forward" not in m.__dict__ for m in host._modules.values())  # forwards restored
-    trained_k, _ = train_concept(host, "sks", "square", inverse, draw, TrainSettings(steps=1, batch_size=2, grad_accum=1,
-                                                                                     trained_k=True))
+    trained_k, _ = train_concept(host, "sks", "square", inverse, draw,
+                                 TrainSettings(steps=1, batch_size=2, grad_accum=1, trained_k=True))
     assert trained_k.trained_keys
     ti, _ = train_embedding_only(host, "sks", "square", draw, 1, 2, 0.02, 0)
     images = host.sample(["a photo of a sks on the left"] * 2, [0, 1], [AppliedConcept(locked, 0.7, 0.15)], steps=2)

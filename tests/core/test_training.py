@@ -16,7 +16,8 @@ from toy_host import WIDTH, ToyHost
 def make(trained_k=False, steps=80, **overrides):
     host = ToyHost()
     settings = TrainSettings(steps=steps, batch_size=4, grad_accum=1, trained_k=trained_k, **overrides)
-    trainer = Trainer(host, "hugsy", "teddy", torch.eye(WIDTH), settings, {"text_encoder": "toy", "model_family": "toy"})
+    trainer = Trainer(host, "hugsy", "teddy", torch.eye(WIDTH), settings,
+                      {"text_encoder": "toy", "model_family": "toy"})
     target = 2 * torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1)).expand(3, -1, -1, -1)
 
     def draw(rng, n):
@@ -126,7 +127,8 @@ def test_resuming_a_finished_concept_continues_its_steps_with_a_fresh_optimizer(
 def test_each_step_draws_from_streams_of_its_seed_and_number():
     _, trainer, _, _ = make(seed=4)
     a, b = trainer.streams(3), trainer.streams(3)
-    assert a[0].random() == b[0].random() and torch.equal(torch.randn(4, generator=a[1]), torch.randn(4, generator=b[1]))
+    assert (a[0].random() == b[0].random()
+            and torch.equal(torch.randn(4, generator=a[1]), torch.randn(4, generator=b[1])))
     assert trainer.streams(4)[0].random() != trainer.streams(3)[0].random()
     assert make(seed=5)[1].streams(3)[0].random() != trainer.streams(3)[0].random()
 
@@ -135,7 +137,8 @@ def test_each_step_draws_from_streams_of_its_seed_and_number():
     (lambda c: replace(c, trigger="kitto"), "trigger word is 'kitto' where this run's is 'hugsy'"),
     (lambda c: replace(c, superclass="cat"), "superclass is 'cat' where this run's is 'teddy'"),
     (lambda c: replace(c, clip_layer=-2), "CLIP layer is '-2' where this run's is '-1'"),
-    (lambda c: replace(c, key_outputs=dict(c.value_outputs)), "K mode is 'trained K' where this run's is 'keys locked'"),
+    (lambda c: replace(c, key_outputs=dict(c.value_outputs)),
+     "K mode is 'trained K' where this run's is 'keys locked'"),
     (lambda c: replace(c, value_outputs={"first": c.value_outputs["first"]}), "1 cross-attention layers are not"),
     (lambda c: replace(c, value_outputs={k: torch.zeros(8) for k in c.value_outputs}), "2 cross-attention layers"),
 ])

@@ -43,7 +43,8 @@ def test_first_folder_wins_and_ambiguous_base_names(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for folder in (a / "x", a / "y", b):
         folder.mkdir(parents=True)
-    for path in (a / "x" / "dog.safetensors", a / "y" / "dog.safetensors", a / "dog2.safetensors", b / "dog2.safetensors"):
+    for path in (a / "x" / "dog.safetensors", a / "y" / "dog.safetensors", a / "dog2.safetensors",
+                 b / "dog2.safetensors"):
         path.write_bytes(b"")
     lib = ConceptLibrary([a, b])
     assert lib.resolve("dog2") == a / "dog2.safetensors"

@@ -91,7 +91,8 @@ def test_a_replace_patch_already_there_gets_the_edited_k_and_v(host):
     forge_patches.install(direct, JointEdit(applied()), lambda q, k, v, heads: other(q, k, v, {"n_heads": heads}))
     reference = run_blocks(unet, direct.model_options["transformer_options"], e)
     for layer in SMALL_LAYERS:
-        assert torch.allclose(chained[layer], reference[layer], rtol=0, atol=1e-6 * reference[layer].abs().max().item())
+        assert torch.allclose(chained[layer], reference[layer], rtol=0,
+                              atol=1e-6 * reference[layer].abs().max().item())
 
 
 def test_global_key_lock_through_the_attn2_patch(host):

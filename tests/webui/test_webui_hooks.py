@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from perfusion_ops.edit import AppliedConcept, JointEdit
-from perfusion_ops.layers import SD15_LAYERS
+from tools.factories import SD15_LAYERS
 from perfusion_webui.hooks import HookedEdit, hooked_modules
 from perfusion_webui.keylock import KeyContexts
 from webui_fixtures import SMALL_LAYERS, TEXT, attention_unet, comfy_attention, encodings, make_concept
@@ -108,7 +108,8 @@ def test_all_sixteen_layers_hooked_and_removal_is_bit_identical():
     unet = attention_unet(SD15_LAYERS, seed=100, query_dim=32)  # real K/V widths, narrow queries: cheap
     cs = concepts(1, layers=SD15_LAYERS)
     e = context_with_triggers(cs, batch=1, tokens=77)
-    x = {layer: torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(7)) for layer, width in SD15_LAYERS.items()}
+    x = {layer: torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(7))
+         for layer, width in SD15_LAYERS.items()}
     before = {layer: unet.get_submodule(layer)(x[layer], context=e) for layer in SD15_LAYERS}
     hooked = HookedEdit(unet, JointEdit(applied_of(cs)))
     assert sorted(hooked_modules(unet)) == sorted(f"{layer}.to_{p}" for layer in SD15_LAYERS for p in "kv")
@@ -156,7 +157,8 @@ def test_half_precision_host(unet):
     with HookedEdit(half, JointEdit(applied)):
         out = half.get_submodule(layer).to_v(e.half())
     assert out.dtype == torch.float16
-    assert_close(out, closed_form(half.get_submodule(layer).to_v.weight.float(), e.half().float(), cs, applied, "v", layer),
+    assert_close(out, closed_form(half.get_submodule(layer).to_v.weight.float(), e.half().float(), cs, applied,
+                                  "v", layer),
                  rel=5e-3)
 
 
@@ -264,7 +266,8 @@ def test_global_key_lock_k_sees_the_superclass_prompt(unet):
     real = context_with_triggers(cs, batch=1, tokens=77)[0]
     superclass = real.clone()
     superclass[4] = cs[0].superclass_encoding  # the trigger position carries the superclass word ...
-    superclass[5:] += 0.05 * torch.randn(72, TEXT, generator=torch.Generator().manual_seed(1))  # ... and changes what follows
+    # ... and changes what follows
+    superclass[5:] += 0.05 * torch.randn(72, TEXT, generator=torch.Generator().manual_seed(1))
     uncond = encodings(77, 99)
     batch = torch.stack([real, uncond])
     keys = KeyContexts()

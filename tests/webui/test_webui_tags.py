@@ -93,5 +93,7 @@ def test_infotext_round_trip_and_paste():
     assert restore_prompt(prompt, params, {"cat1": "pets/cat1"}) == \
         "a photo of hugsy <perfusion:hugsy:beta=0.6> <perfusion:pets/cat1:0.5>"
     # a prompt that lost its tags gets them back
-    assert restore_prompt("a photo of hugsy", params) == "a photo of hugsy <perfusion:hugsy:beta=0.6> <perfusion:cat1:0.5>"
-    assert restore_prompt("p <perfusion:hugsy:beta=0.6>", params) == "p <perfusion:hugsy:beta=0.6> <perfusion:cat1:0.5>"
+    assert (restore_prompt("a photo of hugsy", params)
+            == "a photo of hugsy <perfusion:hugsy:beta=0.6> <perfusion:cat1:0.5>")
+    assert (restore_prompt("p <perfusion:hugsy:beta=0.6>", params)
+            == "p <perfusion:hugsy:beta=0.6> <perfusion:cat1:0.5>")

@@ -8,19 +8,12 @@ same structure as ComfyUI's ``comfy.ldm.modules.attention.CrossAttention`` (``to
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from perfusion_ops.concept import Concept
-
-REPO = Path(__file__).resolve().parents[2]
-for extra in (REPO / "tools",):
-    if str(extra) not in sys.path:
-        sys.path.append(str(extra))
 
 TEXT = 768
 SMALL_LAYERS = {  # SD1.5 layer paths, narrow widths: fast, and every kind of block (input, middle, output)
@@ -34,12 +27,10 @@ HEADS = 4
 def comfy_attention():
     """``comfy.ldm.modules.attention`` of the ComfyUI test host (CPU), or skip."""
     try:
-        import comfy_host
-        root = str(comfy_host.comfy_root())
+        from tools import comfy_host
+        comfy_host.importable(comfy_host.comfy_root())
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"no ComfyUI test host: {err}")
-    if root not in sys.path:
-        sys.path.insert(0, root)
     import comfy.options  # noqa: F401
     from comfy.cli_args import args
     args.cpu = True
@@ -73,14 +64,15 @@ def init_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def attention_unet(layers: dict[str, int], seed: int = 0, dtype=torch.float32, query_dim: int | None = None) -> nn.Module:
+def attention_unet(layers: dict[str, int], seed: int = 0, dtype=torch.float32,
+                   query_dim: int | None = None) -> nn.Module:
     """A module tree with a real ComfyUI ``CrossAttention`` at each layer path (``...transformer_blocks.0.attn2``):
     ``to_k``/``to_v`` map 768 → the layer's width; queries are ``query_dim`` wide (default: the width)."""
     attention = comfy_attention()
     root = Node()
     for n, (layer, width) in enumerate(layers.items()):
-        module = attention.CrossAttention(query_dim=query_dim or width, context_dim=TEXT, heads=HEADS, dim_head=width // HEADS,
-                                          dtype=dtype)
+        module = attention.CrossAttention(query_dim=query_dim or width, context_dim=TEXT, heads=HEADS,
+                                          dim_head=width // HEADS, dtype=dtype)
         place(root, layer, init_(module, seed + n))
     return root
 
@@ -112,7 +104,7 @@ def contexts(batch: int = 2, tokens: int = 77, seed: int = 0, scale: float = 1.0
 @functools.lru_cache(maxsize=None)
 def covariance_factors(seed: int = 11):
     """A CLIP-like covariance C (condition ~4·10³), its Cholesky factor and C⁻¹, computed once per run."""
-    from factories import random_covariance
+    from tools.factories import random_covariance
     cov = random_covariance(TEXT, seed=seed)
     return cov, torch.linalg.cholesky(cov), torch.linalg.inv(cov)
 

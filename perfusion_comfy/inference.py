@@ -7,10 +7,10 @@ import os
 import comfy.conds
 import folder_paths
 
-from ..perfusion_ops.concept_file import export_embedding, load_concept
-from ..perfusion_ops.edit import AppliedConcept
-from ..perfusion_ops.settings import BETA, EDIT_LOCKS, GLOBAL, LOCAL, PAPER_GATES, STRENGTH, TAU
-from ..perfusion_ops.files import safe_file_name
+from perfusion_ops.concept_file import export_embedding, load_concept
+from perfusion_ops.edit import AppliedConcept
+from perfusion_ops.settings import BETA, EDIT_LOCKS, GLOBAL, LOCAL, PAPER_GATES, STRENGTH, TAU
+from perfusion_ops.files import safe_file_name
 from .folders import FOLDER
 from .clip_layer import clip_layer, guard_clip_layer
 from .keylock import KEYS
@@ -90,7 +90,8 @@ class PerfusionApply:
         }}
 
     def apply(self, model, clip, concept, beta, tau, lock, strength=1.0, start_at=0.0, end_at=1.0, gate=OWN_GATE):
-        concept.check_clip_layer(clip_layer(clip), f"set CLIP Set Last Layer to {concept.clip_layer} before Perfusion Apply")
+        concept.check_clip_layer(clip_layer(clip),
+                                 f"set CLIP Set Last Layer to {concept.clip_layer} before Perfusion Apply")
         if gate not in GATES:
             raise ValueError(f"unknown gate '{gate}': choose one of {', '.join(GATES)}")
         if GATES[gate] is not None:

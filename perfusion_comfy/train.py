@@ -14,15 +14,15 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..perfusion_ops.captions import caption_digest, caption_source
-from ..perfusion_ops.concept import ConceptError
-from ..perfusion_ops.concept_file import load_training_state, save_concept
-from ..perfusion_ops.covariance import cached_covariance, estimate_covariance, ridge_inverse
-from ..perfusion_ops.envelope import MAX_STEPS
-from ..perfusion_ops.files import atomic_write_bytes, safe_file_name
-from ..perfusion_ops.gate_choice import caption_sample, choose_gate
-from ..perfusion_ops.settings import BETA, PAPER_GATES, TAU
-from ..perfusion_ops.training import Sample, TrainSettings, Trainer, normalise_masks, prompts_for, run
+from perfusion_ops.captions import caption_digest, caption_source
+from perfusion_ops.concept import ConceptError
+from perfusion_ops.concept_file import load_training_state, save_concept
+from perfusion_ops.covariance import cached_covariance, estimate_covariance, ridge_inverse
+from perfusion_ops.envelope import MAX_STEPS
+from perfusion_ops.files import atomic_write_bytes, safe_file_name
+from perfusion_ops.gate_choice import caption_sample, choose_gate
+from perfusion_ops.settings import BETA, PAPER_GATES, TAU
+from perfusion_ops.training import Sample, TrainSettings, Trainer, normalise_masks, prompts_for, run
 from .folders import FOLDER, caption_files, caption_path, listed_path, save_dir
 from .clip_layer import clip_layer
 from .inference import CATEGORY, CONCEPT
@@ -112,7 +112,8 @@ def inverse_covariance(host: ComfyTrainingHost, captions: list[str]):
     def compute():
         return estimate_covariance(host.encode_plain, captions, batch_size=32,
                                    progress=lambda done, total: (pbar.update_absolute(done, total),
-                                                                 log.info("[perfusion] covariance %d/%d", done, total)))
+                                                                 log.info("[perfusion] covariance %d/%d",
+                                                                          done, total)))
 
     return ridge_inverse(cached_covariance(cache, key, compute, log=log.warning)).float()
 
@@ -292,7 +293,8 @@ class PerfusionTrainConcept:
 
             def draw(rng, n):
                 index = [rng.randrange(latents.shape[0]) for _ in range(n)]
-                return Sample(latents[index], None if weights is None else weights[index], prompts_for(trigger, rng, n))
+                return Sample(latents[index], None if weights is None else weights[index],
+                              prompts_for(trigger, rng, n))
 
             previews = None if prompts is None else Previews(host, vae, trigger, prompts, latents.shape[1:], seed)
             progress = TrainingProgress(trainer, unique_id, checkpoint_every, file_name, previews, preview_every)
@@ -311,8 +313,8 @@ def with_measured_gate(concept, host: ComfyTrainingHost, captions: list[str]):
     try:
         choice = choose_gate(concept, host.encode, host.encode_plain, caption_sample(captions))
     except Exception as err:  # noqa: BLE001 (any failure: the trained concept is saved all the same)
-        log.warning("[perfusion] measuring the gate of '%s' failed (%s: %s): the paper's gate is kept", concept.trigger,
-                    type(err).__name__, err)
+        log.warning("[perfusion] measuring the gate of '%s' failed (%s: %s): the paper's gate is kept",
+                    concept.trigger, type(err).__name__, err)
         return replace(concept, info={**concept.info, "gate": "the paper's (not measured)"})
     log.info("[perfusion] %s", choice.describe(concept.trigger))
     return replace(concept, **choice.fields(), info={**concept.info, "gate": choice.summary})

@@ -1,4 +1,4 @@
-"""Proof that Perfusion learns, v2: a CLIP-like tiny world, and the paper's claims measured with enough seeds to decide.
+"""Proof that Perfusion learns, v2: a CLIP-like tiny world; the paper's claims, measured with enough seeds to decide.
 
 1. The world (``bench/tinyworld/``): procedural 32×32 scenes with captions; a tiny CLIP (causal text tower, image
    CNN) trained contrastively on them and frozen; a 1.2M-parameter v-prediction UNet with SD1.5's block structure
@@ -13,7 +13,7 @@
    with every gate at every token; transfer to the fine-tuned copy. Figures pool the runs' images and carry standard
    errors; lock_gain has a bootstrap standard error and a verdict that must hold in every run.
 
-Run: .venv/bin/python bench/tinyworld.py --threads 1   (trains the world on first use; ``--quick``: smoke run;
+Run: .venv/bin/python -m bench.tinyworld --threads 1   (trains the world on first use; ``--quick``: smoke run;
 ``--variant``: also the leak-aware gate metric of ``variants.py``). On a 2-core machine shared with other jobs one
 thread is ~3× faster than two (two threads wait on each other). Results are bit-identical for a given thread count.
 Writes under --out: results.md (tables), results.json, pareto.png, samples.png, log.txt; last line is the summary.
@@ -31,21 +31,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
-from bench.common import machine  # noqa: E402
-from bench.tinyworld import render as R  # noqa: E402
-from bench.tinyworld import report  # noqa: E402
-from bench.tinyworld.host import TinyWorldHost, concept_images, drawer, train_concept, train_embedding_only  # noqa: E402
-from bench.tinyworld.measure import SMALL_AREA, analyse, colour_fidelity, outline_score, template_shape  # noqa: E402
-from bench.tinyworld.stats import bootstrap_gain, front_gain, mean_se, summarise, verdict  # noqa: E402
-from bench.tinyworld.train_world import WorldSettings, build_world, load_world, world_path  # noqa: E402
-from bench.tinyworld.variants import LeakAwareTrainer, LeakMetric  # noqa: E402
-from perfusion_ops.covariance import ridge_inverse  # noqa: E402
-from perfusion_ops.edit import AppliedConcept, JointEdit  # noqa: E402
-from perfusion_ops.gate_choice import choose_gate  # noqa: E402
-from perfusion_ops.stack import gate, similarity  # noqa: E402
-from perfusion_ops.training import TEMPLATES, TrainSettings, run  # noqa: E402
+from bench.common import machine
+from perfusion_ops.covariance import ridge_inverse
+from perfusion_ops.edit import AppliedConcept, JointEdit
+from perfusion_ops.gate_choice import choose_gate
+from perfusion_ops.stack import gate, similarity
+from perfusion_ops.training import TEMPLATES, TrainSettings, run
+
+from . import render as R
+from . import report
+from .host import TinyWorldHost, concept_images, drawer, train_concept, train_embedding_only
+from .measure import SMALL_AREA, analyse, colour_fidelity, outline_score, template_shape
+from .stats import bootstrap_gain, front_gain, mean_se, summarise, verdict
+from .train_world import WorldSettings, build_world, load_world, world_path
+from .variants import LeakAwareTrainer, LeakMetric
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CONCEPTS = {  # trigger -> (the thing, its superclass word); both colours are absent from the world's data
     "sks": (R.Thing("square", "teal", "striped", "large", "center"), "square"),
@@ -110,7 +111,8 @@ class Bench:
         pick = lambda seq: seq[int(rng.integers(len(seq)))]
         prompts, wants = [], []
         for _ in range(self.args.control):
-            t = R.Thing(pick(R.SHAPES), pick(list(R.COLOURS)), pick(R.TEXTURES), pick(list(R.SIZES)), pick(list(R.POSITIONS)))
+            t = R.Thing(pick(R.SHAPES), pick(list(R.COLOURS)), pick(R.TEXTURES), pick(list(R.SIZES)),
+                        pick(list(R.POSITIONS)))
             bg = pick(list(R.BACKGROUNDS))
             words = dict.fromkeys(("size", "colour", "texture", "position", "background"), True)
             prompts.append(R.caption(R.Scene((t,), bg), "a photo of a {}", words))
@@ -129,7 +131,8 @@ class Bench:
         for layout, (phrases, sides) in LAYOUTS.items():
             for _ in range(self.args.control // 4):
                 a, b = (str(c) for c in rng.choice(list(R.COLOURS), 2, replace=False))
-                pairs.append((f"a photo of a {a} {pick(R.SHAPES)} {phrases[0]} and a {b} {pick(R.SHAPES)} {phrases[1]}",
+                pairs.append((f"a photo of a {a} {pick(R.SHAPES)} {phrases[0]} and a {b} {pick(R.SHAPES)} "
+                              f"{phrases[1]}",
                               layout, (a, b)))
         two = host.sample([p for p, _, _ in pairs], list(range(5000, 5000 + len(pairs))), steps=self.args.steps)
         for img, (_, layout, colours) in zip(two, pairs):
@@ -160,7 +163,8 @@ class Bench:
             scores.append(np.mean(ok))
         return {"fid": colour_fidelity(fid_images, references), "align": np.array(scores),
                 "checks": {k: float(np.mean(v)) for k, v in by_check.items()},
-                "outline": outline_score(fid_images), "samples": torch.cat([fid_images[:4], al_images[:: a.align_seeds][:8]])}
+                "outline": outline_score(fid_images),
+                "samples": torch.cat([fid_images[:4], al_images[:: a.align_seeds][:8]])}
 
     # -- two concepts in one prompt -------------------------------------------------------------------------
     def composed(self, host: TinyWorldHost, applied: list[AppliedConcept], refs: dict, seed: int,
@@ -185,7 +189,8 @@ class Bench:
             for side, want in wants:
                 part = half(img[None], side)
                 if want in refs:
-                    mine, other = (colour_fidelity(part, refs[t])[0] for t in (want, next(t for t in refs if t != want)))
+                    mine, other = (colour_fidelity(part, refs[t])[0]
+                                   for t in (want, next(t for t in refs if t != want)))
                     good.append(mine > 0.3 and mine > other)
                 else:
                     good.append(analyse(part)[0]["colour"] == want)
@@ -203,7 +208,8 @@ class Bench:
                 for l in LAYOUTS for x, y in (words, words[::-1])] * self.args.attention_seeds
         concepts = [x.concept for x in applied]
         with host.attention_by_side() as records:
-            host.sample([j[0] for j in jobs], [seed + 8000 + k for k in range(len(jobs))], applied, steps=self.args.steps)
+            host.sample([j[0] for j in jobs], [seed + 8000 + k for k in range(len(jobs))], applied,
+                        steps=self.args.steps)
         maps = torch.stack(records).mean(0)  # (B, side, tokens): left, right, top, bottom
         index = {"left": 0, "right": 1, "top": 2, "bottom": 3}
         shares = {}
@@ -246,7 +252,8 @@ class Bench:
                 "embedding_moved": float((c.embedding.float() - embedding0).norm() / embedding0.norm())}
 
     # -- one independent run --------------------------------------------------------------------------------
-    def run_once(self, r: int, host: TinyWorldHost, tuned: TinyWorldHost, covariance: torch.Tensor, grids: list) -> dict:
+    def run_once(self, r: int, host: TinyWorldHost, tuned: TinyWorldHost, covariance: torch.Tensor,
+                 grids: list) -> dict:
         a = self.args
         inverse = ridge_inverse(covariance).float()
         seed = a.seed + r
@@ -259,16 +266,21 @@ class Bench:
                 one_shot = drawer(images[:1], masks[:1], trigger)
             if r == 0:
                 grids.append((f"{trigger} renderings", images))
-        ts = TrainSettings(steps=a.concept_steps, batch_size=a.concept_batch, grad_accum=1, seed=seed, ema_decay=a.ema_decay)
+        ts = TrainSettings(steps=a.concept_steps, batch_size=a.concept_batch, grad_accum=1, seed=seed,
+                           ema_decay=a.ema_decay)
         trained = {}
-        for name, trigger, draw, trained_k in (("locked", "sks", data["sks"], False), ("trained-K", "sks", data["sks"], True),
-                                               ("locked", "zwx", data["zwx"], False), ("1-shot", "sks", one_shot, False)):
+        for name, trigger, draw, trained_k in (("locked", "sks", data["sks"], False),
+                                               ("trained-K", "sks", data["sks"], True),
+                                               ("locked", "zwx", data["zwx"], False),
+                                               ("1-shot", "sks", one_shot, False)):
             c0 = time.time()
-            concept, losses = train_concept(host, trigger, CONCEPTS[trigger][1], inverse, draw, replace(ts, trained_k=trained_k))
+            concept, losses = train_concept(host, trigger, CONCEPTS[trigger][1], inverse, draw,
+                                            replace(ts, trained_k=trained_k))
             trained[(name, trigger)] = concept
             self.log(f"[tinyworld] run {r}: trained {trigger} ({name}): loss {np.mean(losses[:10]):.4f} → "
                      f"{np.mean(losses[-10:]):.4f} in {time.time() - c0:.0f}s")
-        ti, _ = train_embedding_only(host, "sks", "square", data["sks"], a.concept_steps, a.concept_batch, a.ti_lr, seed)
+        ti, _ = train_embedding_only(host, "sks", "square", data["sks"], a.concept_steps, a.concept_batch, a.ti_lr,
+                                     seed)
         gates = {t: self.choose_gate(host, trained[("locked", t)], seed, r) for t in CONCEPTS}
         train_s = time.time() - t0
 
@@ -292,14 +304,16 @@ class Bench:
         point("embedding only (TI)", None, "base", ev(host, "sks", embeddings=[ti]))
         for beta in a.betas:
             point("key-locked", beta, "base", ev(host, "sks", applied=[AppliedConcept(locked, beta, a.tau, "local")]))
-            point("trained-K", beta, "base", ev(host, "sks", applied=[AppliedConcept(trained_k, beta, a.tau, "trained-k")]))
+            point("trained-K", beta, "base",
+                  ev(host, "sks", applied=[AppliedConcept(trained_k, beta, a.tau, "trained-k")]))
         auto = gates["sks"]
         point(AUTOMATIC, None, "base",
               ev(host, "sks", applied=[AppliedConcept(locked, auto.beta_local, auto.tau_local, "local")]))
         point("key-locked 1-shot", a.beta, "base",
               ev(host, "sks", applied=[AppliedConcept(trained[("1-shot", "sks")], a.beta, a.tau, "local")]))
         point("superclass only", None, "finetuned", ev(tuned, "square"))
-        point("key-locked", a.beta, "finetuned", ev(tuned, "sks", applied=[AppliedConcept(locked, a.beta, a.tau, "local")]))
+        point("key-locked", a.beta, "finetuned",
+              ev(tuned, "sks", applied=[AppliedConcept(locked, a.beta, a.tau, "local")]))
         point("trained-K", a.beta, "finetuned",
               ev(tuned, "sks", applied=[AppliedConcept(trained_k, a.beta, a.tau, "trained-k")]))
         plane_s = time.time() - t
@@ -320,14 +334,16 @@ class Bench:
             point("key-locked, leak-aware C", a.beta, "base",
                   ev(host, "sks", applied=[AppliedConcept(leak["sks"], a.beta, a.tau, "local")]))
             compositions["leak-aware C"] = self.composition(
-                host, [AppliedConcept(leak[t], a.beta, a.tau) for t in CONCEPTS], refs, eval_seed, r, "leak-aware C", grids)
+                host, [AppliedConcept(leak[t], a.beta, a.tau) for t in CONCEPTS], refs, eval_seed, r, "leak-aware C",
+                grids)
         base_pair = self.composed_baseline(host, refs, eval_seed)
         superclass_attention = self.attention(host, [], eval_seed, ("square", "circle"))
         self.log(f"[tinyworld] run {r}: attention share of the superclass words from their own half: "
                  + " ".join(f"{n}={v:.2f}" for n, v in superclass_attention.items()))
         multi_s = time.time() - t
 
-        diagnosis = {f"{trigger} ({name})": self.diagnose(host, concept, inverse, host.superclass(CONCEPTS[trigger][1])[0][0])
+        diagnosis = {f"{trigger} ({name})": self.diagnose(host, concept, inverse,
+                                                          host.superclass(CONCEPTS[trigger][1])[0][0])
                      for (name, trigger), concept in trained.items()}
         for k, v in diagnosis.items():
             self.log(f"[tinyworld] run {r}: {k}: " + " ".join(f"{n}={x:.3f}" for n, x in v.items()))
@@ -363,10 +379,12 @@ class Bench:
         tables = self.gate_tables(host, pair, prompts)
         out = {"multi": multi, "gate_tables": tables, "attention": self.attention(host, pair, seed),
                "cross_gate": max(max(tb["g"][tb["slots"]["zwx"]][0], tb["g"][tb["slots"]["sks"]][1]) for tb in tables),
-               "own_gate_min": min(min(tb["g"][tb["slots"]["sks"]][0], tb["g"][tb["slots"]["zwx"]][1]) for tb in tables),
+               "own_gate_min": min(min(tb["g"][tb["slots"]["sks"]][0], tb["g"][tb["slots"]["zwx"]][1])
+                                   for tb in tables),
                "other_tokens_gate_max": max(max(g for k, row in enumerate(tb["g"]) if k not in tb["slots"].values()
                                                 for g in row) for tb in tables)}
-        self.log(f"[tinyworld] run {r}: gates in the composed prompts ({label}): own trigger ≥ {out['own_gate_min']:.3f}, "
+        self.log(f"[tinyworld] run {r}: gates in the composed prompts ({label}): "
+                 f"own trigger ≥ {out['own_gate_min']:.3f}, "
                  f"other's trigger ≤ {out['cross_gate']:.3f}, other tokens ≤ {out['other_tokens_gate_max']:.3f}; "
                  "attention share from own half: " + " ".join(f"{k}={v:.2f}" for k, v in out["attention"].items()))
         return out
@@ -398,7 +416,8 @@ class Bench:
             self.log(f"[tinyworld] no cached world at {path}: training it (once)")
             build_world(cache, settings, self.log)
         world = load_world(path)
-        self.log(f"[tinyworld] machine: {machine()}; deterministic algorithms on; load average {os.getloadavg()[0]:.1f}")
+        self.log(f"[tinyworld] machine: {machine()}; deterministic algorithms on; load average "
+                 f"{os.getloadavg()[0]:.1f}")
         self.log(f"[tinyworld] world {path.name} ({settings.encoder}): trained in "
                  f"{world.timings.get('total_s', float('nan')) / 60:.1f} min")
         host, tuned = TinyWorldHost(world.base, world.text), TinyWorldHost(world.finetuned, world.text)
@@ -430,8 +449,10 @@ class Bench:
             self.log(f"[tinyworld] run {r} done in {time.time() - t:.0f}s")
         results.update(self.pool(runs))
         results["runs"] = [{k: v for k, v in run.items() if k != "points"} | {"compositions": {
-            label: {k: v for k, v in c.items() if k != "multi"} for label, c in run["compositions"].items()}} for run in runs]
-        results["timings"] = {"total_s": time.time() - start, "cpu_s": time.process_time(), "world_built_here": world_built}
+            label: {k: v for k, v in c.items() if k != "multi"}
+            for label, c in run["compositions"].items()}} for run in runs]
+        results["timings"] = {"total_s": time.time() - start, "cpu_s": time.process_time(),
+                              "world_built_here": world_built}
         report.write(out, results, grids, self.log_lines)
         s = results["summary"]
         self.log(f"[tinyworld] total {time.time() - start:.0f}s wall, {time.process_time():.0f}s CPU "
@@ -440,7 +461,8 @@ class Bench:
         au = s["automatic_beta"]
         self.log(f"[tinyworld] automatic β {' / '.join(f'{b:.3f}' for b in au['beta_runs'])}: H {au['H']:.3f}, at the "
                  f"fixed β {a.beta} {au['H_fixed_beta']:.3f}, best of the sweep {au['best_H_of_sweep']:.3f}; "
-                 f"multi_in_place {s['multi_in_place (automatic β)']:.3f}, cross_gate {s['cross_gate (automatic β)']:.3f}")
+                 f"multi_in_place {s['multi_in_place (automatic β)']:.3f}, "
+                 f"cross_gate {s['cross_gate (automatic β)']:.3f}")
         self.log(f"tinyworld control={s['control']:.3f} fidelity={s['fidelity']:.3f} "
                  f"baseline_fidelity={s['baseline_fidelity']:.3f} alignment={s['alignment']:.3f} "
                  f"lock_gain={s['lock_gain']:+.3f} lock_gain_se={s['lock_gain_se']:.3f} "
@@ -454,7 +476,8 @@ class Bench:
         keys = list(dict.fromkeys((p["model"], p["method"], p["beta"]) for p in runs[0]["points"]))
         pooled, per_run = [], []
         for model, method, beta in keys:
-            mine = [p for run in runs for p in run["points"] if (p["model"], p["method"], p["beta"]) == (model, method, beta)]
+            mine = [p for run in runs for p in run["points"]
+                    if (p["model"], p["method"], p["beta"]) == (model, method, beta)]
             fid, al = np.concatenate([p["fid"] for p in mine]), np.concatenate([p["align"] for p in mine])
             pooled.append({"model": model, "method": method, "beta": beta, **summarise(fid, al),
                            "outline": mean_se(np.concatenate([p["outline"] for p in mine])),
@@ -463,19 +486,22 @@ class Bench:
             per_run.append({"model": model, "method": method, "beta": beta,
                             "fidelity": [float(p["fid"].mean()) for p in mine],
                             "alignment": [float(p["align"].mean()) for p in mine]})
-        sweep = lambda rows, m: [p for p in rows if p["method"] == m and p["model"] == "base" and p["beta"] is not None]
+        sweep = lambda rows, m: [p for p in rows
+                                 if p["method"] == m and p["model"] == "base" and p["beta"] is not None]
         gain, reach = front_gain(sweep(pooled, "key-locked"), sweep(pooled, "trained-K"))
         images_se = bootstrap_gain([p["arrays"] for p in sweep(pooled, "key-locked")],
                                    [p["arrays"] for p in sweep(pooled, "trained-K")])
         run_gains = []
         for r in range(len(runs)):
-            rows = [{**p, "fidelity": float(p["fid"].mean()), "alignment": float(p["align"].mean())} for p in runs[r]["points"]]
+            rows = [{**p, "fidelity": float(p["fid"].mean()), "alignment": float(p["align"].mean())}
+                    for p in runs[r]["points"]]
             run_gains.append(front_gain(sweep(rows, "key-locked"), sweep(rows, "trained-K"))[0])
         # images_se only sees sampling noise; each run also trains its own concepts, so the spread of the runs'
         # gains is the fuller measure (it includes their images' noise): the larger of the two is the SE
         runs_se = float(np.std(run_gains, ddof=1) / np.sqrt(len(run_gains))) if len(run_gains) > 1 else float("nan")
         gain_se = max(images_se, runs_se) if np.isfinite(runs_se) else images_se
-        pick = lambda m, b, model="base": next(p for p in pooled if (p["method"], p["beta"], p["model"]) == (m, b, model))
+        pick = lambda m, b, model="base": next(p for p in pooled
+                                               if (p["method"], p["beta"], p["model"]) == (m, b, model))
         head, base = pick("key-locked", a.beta), pick("superclass only", None)
         harmonic = lambda p: 2 * p["fidelity"] * p["alignment"] / (p["fidelity"] + p["alignment"])  # noqa: E731
         automatic = {"H": harmonic(pick(AUTOMATIC, None)), "H_fixed_beta": harmonic(head),
@@ -485,10 +511,12 @@ class Bench:
                      "tau_runs": [run["gates"]["sks"]["tau_local"] for run in runs],
                      "chosen_runs": [run["gates"]["sks"]["chosen"] for run in runs]}
         labels = list(runs[0]["compositions"])
-        multi = {(label, mode): {k: mean_se(np.concatenate([run["compositions"][label]["multi"][mode][k] for run in runs]))
+        multi = {(label, mode): {k: mean_se(np.concatenate([run["compositions"][label]["multi"][mode][k]
+                                                            for run in runs]))
                                  for k in runs[0]["compositions"][label]["multi"][mode]}
                  for label in labels for mode in runs[0]["compositions"][label]["multi"]}
-        multi_runs = {key: [float(run["compositions"][key[0]]["multi"][key[1]]["two"].mean()) for run in runs] for key in multi}
+        multi_runs = {key: [float(run["compositions"][key[0]]["multi"][key[1]]["two"].mean()) for run in runs]
+                      for key in multi}
         for p in pooled:
             del p["arrays"]
         summary = {"control": self.control_value, "fidelity": head["fidelity"], "baseline_fidelity": base["fidelity"],
@@ -496,7 +524,8 @@ class Bench:
                    "lock_gain_se_images": images_se, "lock_gain_se_runs": runs_se,
                    "lock_gain_runs": run_gains, "front_fidelity_reach": reach,
                    "lock_verdict": verdict(gain, gain_se, run_gains),
-                   **{f"multi_in_place{'' if label == 'paper' else ' (' + label + ')'}": multi[(label, "local lock")]["two"][0]
+                   **{f"multi_in_place{'' if label == 'paper' else ' (' + label + ')'}":
+                      multi[(label, "local lock")]["two"][0]
                       for label in labels},
                    "multi_in_place_se": multi[("paper", "local lock")]["two"][1],
                    **{f"cross_gate{'' if label == 'paper' else ' (' + label + ')'}":
@@ -508,14 +537,17 @@ class Bench:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.tinyworld", description=__doc__.split("\n")[0])
     p.add_argument("--cache", default=str(ROOT / ".cache" / "tinyworld"))
     p.add_argument("--out", default=str(ROOT / ".cache" / "tinyworld" / "out"))
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); part of the world's key")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); part of the world's key")
     p.add_argument("--encoder", choices=("clip", "minilm"), default="clip", help="the world's text encoder")
     p.add_argument("--world-seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny world and evaluation (pipeline smoke run, numbers meaningless)")
-    p.add_argument("--runs", type=int, default=3, help="independent runs (concept renderings, training and sampling seeds)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny world and evaluation (pipeline smoke run, numbers meaningless)")
+    p.add_argument("--runs", type=int, default=3,
+                   help="independent runs (concept renderings, training and sampling seeds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=8,
                    help="sampler steps (ancestral DDIM; against 12 steps, caption control moved within its noise)")
@@ -531,7 +563,8 @@ def parse(argv=None):
     p.add_argument("--attention-seeds", type=int, default=4, help="images per composed prompt for the attention maps")
     p.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the target input i (paper: 0.99)")
     p.add_argument("--betas", type=float, nargs="+", default=[0.55, 0.7, 0.85, 1.0])
-    p.add_argument("--beta", type=float, default=0.7, help="β of the headline numbers, 1-shot, multi-concept and transfer")
+    p.add_argument("--beta", type=float, default=0.7,
+                   help="β of the headline numbers, 1-shot, multi-concept and transfer")
     p.add_argument("--tau", type=float, default=0.15)
     p.add_argument("--variant", action="store_true",
                    help="also train and measure the proposed core change (variants.LeakAwareTrainer)")

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from ..perfusion_ops.words import replace_words, whole_words
+from perfusion_ops.words import replace_words, whole_words
 
 TRIGGER_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 TOKEN_KEY = "l"  # the CLIP-L token list of SD1.x tokenizers

@@ -43,7 +43,8 @@ def loss_chart_image(losses: list[float], first: int = 1, width: int = WIDTH, he
 
 
 def live_preview(losses: list[float], first: int = 1, renders: list[Image.Image] = ()) -> Image.Image:
-    """The node's live preview: the loss chart, with the latest preview renders in a row above it when there are any."""
+    """The node's live preview: the loss chart, with the latest preview renders in a row above it when there are
+    any."""
     chart = loss_chart_image(losses, first)
     if not renders:
         return chart

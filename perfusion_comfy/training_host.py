@@ -15,9 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 import comfy.model_management
 
-from ..perfusion_ops.clip_text import ClipTextForward
-from ..perfusion_ops.covariance import fingerprint
-from ..perfusion_ops.modules import forwards_installed
+from perfusion_ops.clip_text import ClipTextForward
+from perfusion_ops.covariance import fingerprint
+from perfusion_ops.modules import forwards_installed
 from .patching import cross_attention_layers
 
 MAX_TOKENS = 77
@@ -37,7 +37,8 @@ def trainable_weights(*modules: torch.nn.Module):
                             continue
                         if tensor.is_inference():
                             clone = tensor.detach().clone()
-                            table[name] = torch.nn.Parameter(clone, requires_grad=False) if table is owner._parameters else clone
+                            table[name] = (torch.nn.Parameter(clone, requires_grad=False)
+                                           if table is owner._parameters else clone)
                             swapped.append((table, name, tensor))
                         elif tensor.requires_grad:  # a model loaded outside inference mode: freeze it all the same
                             tensor.requires_grad_(False)
@@ -86,7 +87,8 @@ class ComfyTrainingHost:
         self.start, self.end = self.word_tokenizer("")["input_ids"]
         text_model = clip.cond_stage_model.clip_l.transformer.text_model
         with torch.inference_mode(False):
-            weights = {k: v.detach().to(self.device, torch.float32).clone() for k, v in text_model.state_dict().items()}
+            weights = {k: v.detach().to(self.device, torch.float32).clone()
+                       for k, v in text_model.state_dict().items()}
         self.text = ClipTextForward(weights)
         load_for_training(model)
         self.unet = model.model.diffusion_model

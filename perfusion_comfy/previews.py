@@ -13,8 +13,8 @@ from PIL import Image
 
 import comfy.model_management
 
-from ..perfusion_ops.sampling import ddim_sample
-from ..perfusion_ops.words import whole_words
+from perfusion_ops.sampling import ddim_sample
+from perfusion_ops.words import whole_words
 from .tokenizer import NOT_AFTER
 
 PLACEHOLDER = "<trigger>"

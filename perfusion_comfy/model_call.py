@@ -8,7 +8,7 @@ shares by chaining to the wrapper it found there.
 """
 from __future__ import annotations
 
-from ..perfusion_ops.edit import ScheduledEdit
+from perfusion_ops.edit import ScheduledEdit
 from .keylock import KEYS
 
 try:

@@ -15,8 +15,8 @@ import os
 
 import folder_paths
 
-from ..perfusion_ops.concept import ConceptError
-from ..perfusion_ops.concept_file import load_concept
+from perfusion_ops.concept import ConceptError
+from perfusion_ops.concept_file import load_concept
 from .folders import FOLDER
 
 log = logging.getLogger("perfusion")

@@ -6,8 +6,8 @@ them while that clone is loaded and restores the originals when another clone of
 """
 from __future__ import annotations
 
-from ..perfusion_ops import modules
-from ..perfusion_ops.edit import AppliedConcept, ScheduledEdit
+from perfusion_ops import modules
+from perfusion_ops.edit import AppliedConcept, ScheduledEdit
 from .keylock import install_keylock
 from .model_call import ModelCall, install_model_call
 

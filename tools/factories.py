@@ -1,4 +1,5 @@
-"""Builders of realistic test inputs: random concepts in SD1.5 dimensions and the real CLIP-L covariance."""
+"""Builders of realistic test and benchmark inputs: random concepts in SD1.5 dimensions and the real CLIP-L
+covariance."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +9,23 @@ from safetensors.torch import load_file
 
 from perfusion_ops import Concept
 from perfusion_ops.covariance import ridge_inverse
-from perfusion_ops.layers import SD15_LAYERS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_COVARIANCE = REPO.parent / "shared" / "data" / "clip-vit-l14-text-covariance.safetensors"
+
+# The cross-attention layers of the SD1.5 UNet, by the module paths ComfyUI and the webui's ldm both use.
+# (block path, inner width): the 16 transformer blocks whose attn2.to_k / attn2.to_v map 768 -> width.
+_SD15_BLOCKS = [
+    ("input_blocks.1.1", 320), ("input_blocks.2.1", 320),
+    ("input_blocks.4.1", 640), ("input_blocks.5.1", 640),
+    ("input_blocks.7.1", 1280), ("input_blocks.8.1", 1280),
+    ("middle_block.1", 1280),
+    ("output_blocks.3.1", 1280), ("output_blocks.4.1", 1280), ("output_blocks.5.1", 1280),
+    ("output_blocks.6.1", 640), ("output_blocks.7.1", 640), ("output_blocks.8.1", 640),
+    ("output_blocks.9.1", 320), ("output_blocks.10.1", 320), ("output_blocks.11.1", 320),
+]
+SD15_TEXT_WIDTH = 768
+SD15_LAYERS: dict[str, int] = {f"{block}.transformer_blocks.0.attn2": width for block, width in _SD15_BLOCKS}
 
 
 def real_covariance() -> torch.Tensor | None:
