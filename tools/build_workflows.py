@@ -330,6 +330,18 @@ def single_concept(info) -> dict:
     return wf.to_json()
 
 
+def shared_panel_inputs(wf, prompt: str, seed: int):
+    """Column 0 of a side-by-side comparison: checkpoint, concept, the prompt and seed every panel shares (edited
+    once), the negative prompt and the latent."""
+    ckpt = wf.add("CheckpointLoaderSimple", 0, ckpt_name=SD15)
+    concept = wf.add("PerfusionLoadConcept", 0, concept_name="hugsy.safetensors")
+    text = wf.primitive(prompt, 0, title="Prompt (shared)")
+    seed = wf.primitive(seed, 0, title="Seed (shared)")
+    neg = wf.add("CLIPTextEncode", 0, title="Negative", size=(400, 110), clip=ckpt["CLIP"], text=NEGATIVE)
+    latent = wf.add("EmptyLatentImage", 0, width=512, height=512, batch_size=1)
+    return ckpt, concept, text, seed, neg, latent
+
+
 def global_key_lock(info) -> dict:
     wf = Workflow(info)
     wf.note(
@@ -340,12 +352,8 @@ def global_key_lock(info) -> dict:
         "replaced by the superclass word, V sees the real prompt. Use a lower β (0.4–0.6).\n"
         "The global lock usually follows the prompt's layout more closely; the local lock keeps more likeness.",
         0, 40, width=420, title="Note: key locks")
-    ckpt = wf.add("CheckpointLoaderSimple", 0, ckpt_name=SD15)
-    concept = wf.add("PerfusionLoadConcept", 0, concept_name="hugsy.safetensors")
-    text = wf.primitive("a hugsy playing a guitar on a stage, concert lights", 0, title="Prompt (shared)")
-    seed = wf.primitive(1234, 0, title="Seed (shared)")
-    neg = wf.add("CLIPTextEncode", 0, title="Negative", size=(400, 110), clip=ckpt["CLIP"], text=NEGATIVE)
-    latent = wf.add("EmptyLatentImage", 0, width=512, height=512, batch_size=1)
+    ckpt, concept, text, seed, neg, latent = shared_panel_inputs(
+        wf, "a hugsy playing a guitar on a stage, concert lights", 1234)
     panels = []
     for col, (lock, beta, encoder) in enumerate((("local", 0.7, "CLIPTextEncode"),
                                                  ("global", 0.5, "PerfusionGlobalKeyLock")), start=1):
@@ -402,12 +410,8 @@ def strength_sweep(info) -> dict:
         "and use it in your graphs. Edit the prompt and seed once in the shared nodes; change β on each "
         "Apply node (τ 0.15 throughout).",
         0, 40, width=420, title="Note: β sweep")
-    ckpt = wf.add("CheckpointLoaderSimple", 0, ckpt_name=SD15)
-    concept = wf.add("PerfusionLoadConcept", 0, concept_name="hugsy.safetensors")
-    text = wf.primitive("a hugsy made of lego bricks, on a kitchen table", 0, title="Prompt (shared)")
-    seed = wf.primitive(2024, 0, title="Seed (shared)")
-    neg = wf.add("CLIPTextEncode", 0, title="Negative", size=(400, 110), clip=ckpt["CLIP"], text=NEGATIVE)
-    latent = wf.add("EmptyLatentImage", 0, width=512, height=512, batch_size=1)
+    ckpt, concept, text, seed, neg, latent = shared_panel_inputs(
+        wf, "a hugsy made of lego bricks, on a kitchen table", 2024)
     panels = []
     for k, beta in enumerate(betas):
         col = 1 + k
