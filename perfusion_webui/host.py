@@ -1,7 +1,8 @@
-"""The webui's callbacks: the ``perfusion`` extra network, the always-on script, settings and pasted infotext, and
-the one registry of this process (``STATE``, the current generation). The only module of the pack that imports the
-webui (``modules.*``) when it is imported (``embeddings``, ``generation`` and ``routes`` reach it inside their
-functions); it is imported by ``scripts/perfusion_webui.py`` inside a running AUTOMATIC1111 webui or Forge.
+"""The webui's callbacks: the ``perfusion`` extra network and its Extra Networks tab, the always-on script,
+settings and pasted infotext, and the one registry of this process (``STATE``, the current generation). The only
+module of the pack that imports the webui (``modules.*``) when it is imported: ``cards_page`` is imported only when
+the webui builds its UI, and ``embeddings``, ``generation`` and ``routes`` reach the webui inside their functions.
+``scripts/perfusion_webui.py`` imports it inside a running AUTOMATIC1111 webui or Forge.
 
 Life of one generation (both hosts)::
 
@@ -117,6 +118,14 @@ def register_network() -> None:
         extra_networks.register_extra_network(ExtraNetworkPerfusion())
 
 
+def before_ui() -> None:
+    """The extra network, and the Perfusion tab of Extra Networks (its module imports gradio and the webui's page
+    classes, so only here, when the webui builds its pages)."""
+    register_network()
+    from .cards_page import register
+    register(library, concept_folders)
+
+
 def on_ui_settings() -> None:
     section = ("perfusion", "Perfusion")
     shared.opts.add_option(OPTION_DIR, shared.OptionInfo(
@@ -167,7 +176,7 @@ class PerfusionScript(scripts.Script):
 
 def setup() -> None:
     """Called once when the webui imports the entry script."""
-    script_callbacks.on_before_ui(register_network)
+    script_callbacks.on_before_ui(before_ui)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_infotext_pasted(on_infotext_pasted)
     os.makedirs(concept_folders()[0], exist_ok=True)

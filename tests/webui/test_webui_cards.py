@@ -1,0 +1,192 @@
+"""The Perfusion tab of the webui's Extra Networks: what each card shows and inserts, the preferences of its user
+metadata, and files the tab must survive.
+
+The webui's page classes need gradio and a started webui, which the test venv does not have; the stand-ins below
+hold the behaviour of A1111 v1.10.1's ``ExtraNetworksPage`` and ``UserMetadataEditor`` that the page relies on
+(preview and description files beside the model, ``<name>.json`` user metadata, ``quote_js``). The real classes were
+exercised in a real A1111 (see the README).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from perfusion_ops.concept_file import save_concept
+from perfusion_webui import cards
+from perfusion_webui.prompt_tags import PerfusionTag, parse_prompt
+
+from webui_fixtures import SMALL_LAYERS, make_concept
+
+
+class GradioError(Exception):
+    """gradio.Error: shown to the user as a message box."""
+
+
+class StandInPage:
+    """What ExtraNetworksPage gives a page: preview, description and user-metadata files beside the model file."""
+
+    def __init__(self, title):
+        self.title, self.name = title, title.lower()
+        self.items = {}
+
+    def find_preview(self, stem):
+        for candidate in (f"{stem}.png", f"{stem}.preview.png"):
+            if Path(candidate).is_file():
+                return f"./sd_extra_networks/thumb?filename={candidate}"
+        return None
+
+    def find_description(self, stem):
+        path = Path(f"{stem}.txt")
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def search_terms_from_path(self, filename):
+        return Path(filename).name
+
+    def get_sort_keys(self, path):
+        return {"name": Path(path).name.lower()}
+
+    def read_user_metadata(self, item):
+        path = Path(item["filename"]).with_suffix(".json")
+        item["user_metadata"] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if item["user_metadata"].get("description"):
+            item["description"] = item["user_metadata"]["description"]
+
+
+class StandInEditor:
+    """What UserMetadataEditor gives an editor: the item's user metadata and writing it to ``<name>.json``."""
+
+    def __init__(self, ui, tabname, page):
+        self.page = page
+
+    def get_user_metadata(self, name):
+        return self.page.items[name].setdefault("user_metadata", {})
+
+    def write_user_metadata(self, name, metadata):
+        Path(self.page.items[name]["filename"]).with_suffix(".json").write_text(json.dumps(metadata), "utf-8")
+
+
+@pytest.fixture
+def page_module(monkeypatch, tmp_path):
+    pages = []
+    ui_extra_networks = types.SimpleNamespace(ExtraNetworksPage=StandInPage, extra_pages=pages,
+                                              register_page=pages.append, quote_js=json.dumps)
+    modules = types.ModuleType("modules")
+    modules.__path__ = []
+    parts = {"shared": types.SimpleNamespace(opts=types.SimpleNamespace(samples_format="png")),
+             "ui_extra_networks": ui_extra_networks,
+             "ui_extra_networks_user_metadata": types.SimpleNamespace(UserMetadataEditor=StandInEditor)}
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    for name, part in parts.items():
+        setattr(modules, name, part)
+        monkeypatch.setitem(sys.modules, f"modules.{name}", part)
+    monkeypatch.setitem(sys.modules, "gradio", types.SimpleNamespace(Error=GradioError))
+    monkeypatch.delitem(sys.modules, "perfusion_webui.cards_page", raising=False)
+    module = importlib.import_module("perfusion_webui.cards_page")
+    yield module
+    sys.modules.pop("perfusion_webui.cards_page", None)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """models/perfusion: hugsy (with a preview and user metadata), pets/zorbo (a description file), a broken file."""
+    root = tmp_path / "perfusion"
+    (root / "pets").mkdir(parents=True)
+    save_concept(make_concept(1, SMALL_LAYERS, "hugsy", "teddy"), root / "hugsy.safetensors")
+    save_concept(make_concept(2, SMALL_LAYERS, "zorbo", "teapot"), root / "pets" / "zorbo.safetensors")
+    (root / "broken.safetensors").write_bytes(b"not a safetensors file")
+    (root / "hugsy.png").write_bytes(b"\x89PNG")
+    (root / "pets" / "zorbo.txt").write_text("my teapot", encoding="utf-8")
+    return root
+
+
+def make_page(page_module, folder):
+    from perfusion_webui.library import ConceptLibrary
+    library = ConceptLibrary([folder])
+    return page_module.ConceptCards(lambda: library, lambda: [folder])
+
+
+def items_by_name(page):
+    page.items = {item["name"]: item for item in page.list_items()}
+    return page.items
+
+
+def test_one_card_per_concept_file_with_preview_description_and_what_a_click_inserts(page_module, folder):
+    page = make_page(page_module, folder)
+    items = items_by_name(page)
+    assert sorted(items) == ["broken", "hugsy", "pets/zorbo"]
+    hugsy, zorbo = items["hugsy"], items["pets/zorbo"]
+    assert page.title == "Perfusion" and page.allowed_directories_for_previews() == [str(folder)]
+    assert hugsy["preview"].endswith("hugsy.png") and zorbo["preview"] is None
+    assert hugsy["local_preview"] == str(folder / "hugsy.png")  # where "Replace preview" saves
+    assert json.loads(hugsy["prompt"]) == "<perfusion:hugsy> hugsy"  # the tag, then the trigger word
+    assert json.loads(zorbo["prompt"]) == "<perfusion:pets/zorbo> zorbo"
+    assert "trigger <b>hugsy</b>, a teddy" in hugsy["description"] and "β 0.70, τ 0.15" in hugsy["description"]
+    assert zorbo["description"] == "my teapot"  # a description file wins over the generated one
+    assert {"hugsy", "teddy", hugsy["shorthash"]} <= set(hugsy["search_terms"]) and len(hugsy["shorthash"]) == 12
+    assert hugsy["metadata"]["superclass"] == "teddy" and hugsy["metadata"]["layers"] == str(len(SMALL_LAYERS))
+
+
+def test_a_click_inserts_text_the_webuis_tags_read_back_to_the_concept(page_module, folder):
+    """What a card inserts is a tag the extra network accepts, naming a concept the library resolves."""
+    from perfusion_webui.library import ConceptLibrary
+    (folder / "hugsy.json").write_text(json.dumps({"preferred weight": 0.8, "preferred beta": "0.6"}), "utf-8")
+    for name, item in items_by_name(make_page(page_module, folder)).items():
+        prompt, tags = parse_prompt(json.loads(item["prompt"]))
+        assert [t.name for t in tags] == [name]
+        assert ConceptLibrary([folder]).resolve(tags[0].name) == Path(item["filename"])
+    prompt, (tag,) = parse_prompt(json.loads(items_by_name(make_page(page_module, folder))["hugsy"]["prompt"]))
+    assert tag == PerfusionTag("hugsy", strength=0.8, beta=0.6) and prompt.strip() == "hugsy"
+
+
+def test_a_broken_file_is_a_card_that_says_why_not_a_failed_tab(page_module, folder, capsys):
+    broken = items_by_name(make_page(page_module, folder))["broken"]
+    assert broken["description"].startswith("<b>cannot be used</b>: ") and broken["metadata"] == {}
+    assert json.loads(broken["prompt"]) == "<perfusion:broken>"
+    assert "[Perfusion] concept card 'broken':" in capsys.readouterr().out
+
+
+def test_the_editor_saves_preferences_and_refuses_a_beta_outside_its_range(page_module, folder):
+    page = make_page(page_module, folder)
+    items_by_name(page)
+    editor = page.create_user_metadata_editor(None, "txt2img")
+    with pytest.raises(GradioError, match=r"preferred β must be a number in \[-1, 2\]"):
+        editor.save_user_metadata("hugsy", "", "", "", 1.0, "7")
+    assert not (folder / "hugsy.json").exists()  # nothing written
+    editor.save_user_metadata("hugsy", "my bear", "notes", "hugsy bear", 1.25, "0.65")
+    saved = json.loads((folder / "hugsy.json").read_text(encoding="utf-8"))
+    assert saved == {"description": "my bear", "notes": "notes", "activation text": "hugsy bear",
+                     "preferred weight": 1.25, "preferred beta": "0.65"}
+    hugsy = items_by_name(page)["hugsy"]  # the refreshed card
+    assert json.loads(hugsy["prompt"]) == "<perfusion:hugsy:1.25:beta=0.65> hugsy bear"
+    assert hugsy["description"] == "my bear"
+
+
+def test_the_page_is_registered_once(page_module, folder):
+    page_module.register(lambda: None, lambda: [folder])
+    page_module.register(lambda: None, lambda: [folder])
+    assert len(page_module.ui_extra_networks.extra_pages) == 1
+
+
+@pytest.mark.parametrize("metadata, inserted", [
+    ({}, "<perfusion:hugsy> hugsy"),
+    ({"preferred weight": 1.0, "preferred beta": ""}, "<perfusion:hugsy> hugsy"),
+    ({"preferred weight": "0.5"}, "<perfusion:hugsy:0.5> hugsy"),
+    ({"preferred beta": -0.25}, "<perfusion:hugsy:beta=-0.25> hugsy"),
+    ({"activation text": "hugsy, plush"}, "<perfusion:hugsy> hugsy, plush"),
+    ({"preferred weight": 3, "preferred beta": "high"}, "<perfusion:hugsy> hugsy"),  # out of range, not a number
+    ({"preferred weight": float("nan"), "preferred beta": float("inf")}, "<perfusion:hugsy> hugsy"),
+])
+def test_inserted_text_follows_the_valid_preferences_only(metadata, inserted):
+    assert cards.inserted_text("hugsy", "hugsy", metadata) == inserted
+
+
+def test_descriptions_escape_what_the_file_says():
+    concept = make_concept(3, SMALL_LAYERS, "hugsy", "teddy")
+    concept.superclass = "<script>"
+    assert "&lt;script&gt;" in cards.description(concept, 40_000) and "<script>" not in cards.description(concept, 1)
+    assert cards.description(None, 0, "bad <file>") == "<b>cannot be used</b>: bad &lt;file&gt;"
