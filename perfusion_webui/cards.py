@@ -8,8 +8,6 @@ a gate bias β, each checked against the ranges the tags accept.
 """
 from __future__ import annotations
 
-import html
-
 from perfusion_ops.concept import Concept
 from perfusion_ops.settings import BETA, GLOBAL, LOCAL, STRENGTH, Range
 
@@ -49,13 +47,14 @@ def _size(n: int) -> str:
 
 
 def description(concept: Concept | None, size: int, error: str | None = None) -> str:
-    """The card's default description (HTML, every value escaped): trigger, superclass, recommended gate and size;
-    for a file that cannot be used, why, so the card says it instead of the page failing."""
+    """The card's default description, plain text (the webui escapes it: A1111 v1.10.1 shows ``<b>`` as typed):
+    trigger, superclass, recommended gate and size; for a file that cannot be used, why, so the card says it
+    instead of the page failing."""
     if concept is None:
-        return f"<b>cannot be used</b>: {html.escape(error or 'unreadable file')}"
+        return f"cannot be used: {error or 'unreadable file'}"
     beta, tau = concept.recommended(LOCAL)
-    return (f"trigger <b>{html.escape(concept.trigger)}</b>, a {html.escape(concept.superclass)}; "
-            f"recommended β {beta:.2f}, τ {tau:.2f} (local lock); {html.escape(concept.model_family)}, {_size(size)}")
+    return (f"trigger '{concept.trigger}', a {concept.superclass}; recommended β {beta:.2f}, τ {tau:.2f} "
+            f"(local lock); {concept.model_family}, {_size(size)}")
 
 
 def details(concept: Concept) -> dict[str, str]:

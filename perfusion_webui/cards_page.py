@@ -17,7 +17,6 @@ from perfusion_ops.concept import ConceptError
 from perfusion_ops.settings import BETA, STRENGTH
 
 from . import cards
-from .console import log
 
 
 class ConceptCards(ui_extra_networks.ExtraNetworksPage):
@@ -39,9 +38,8 @@ class ConceptCards(ui_extra_networks.ExtraNetworksPage):
             return None
         try:
             concept, error = library.load(path), None
-        except (ConceptError, OSError) as err:
+        except (ConceptError, OSError) as err:  # the card says why (the webui lists the pages at every refresh)
             concept, error = None, str(err)
-            log.info(f"concept card '{name}': {error}")
         stem = os.path.splitext(str(path))[0]
         short_hash = library.short_hash(path)
         item = {

@@ -125,7 +125,7 @@ def test_one_card_per_concept_file_with_preview_description_and_what_a_click_ins
     assert hugsy["local_preview"] == str(folder / "hugsy.png")  # where "Replace preview" saves
     assert json.loads(hugsy["prompt"]) == "<perfusion:hugsy> hugsy"  # the tag, then the trigger word
     assert json.loads(zorbo["prompt"]) == "<perfusion:pets/zorbo> zorbo"
-    assert "trigger <b>hugsy</b>, a teddy" in hugsy["description"] and "β 0.70, τ 0.15" in hugsy["description"]
+    assert "trigger 'hugsy', a teddy" in hugsy["description"] and "β 0.70, τ 0.15" in hugsy["description"]
     assert zorbo["description"] == "my teapot"  # a description file wins over the generated one
     assert {"hugsy", "teddy", hugsy["shorthash"]} <= set(hugsy["search_terms"]) and len(hugsy["shorthash"]) == 12
     assert hugsy["metadata"]["superclass"] == "teddy" and hugsy["metadata"]["layers"] == str(len(SMALL_LAYERS))
@@ -143,11 +143,11 @@ def test_a_click_inserts_text_the_webuis_tags_read_back_to_the_concept(page_modu
     assert tag == PerfusionTag("hugsy", strength=0.8, beta=0.6) and prompt.strip() == "hugsy"
 
 
-def test_a_broken_file_is_a_card_that_says_why_not_a_failed_tab(page_module, folder, capsys):
+def test_a_broken_file_is_a_card_that_says_why_not_a_failed_tab(page_module, folder):
     broken = items_by_name(make_page(page_module, folder))["broken"]
-    assert broken["description"].startswith("<b>cannot be used</b>: ") and broken["metadata"] == {}
+    assert broken["description"].startswith("cannot be used: ") and broken["metadata"] == {}
+    assert "not a safetensors file" in broken["description"]
     assert json.loads(broken["prompt"]) == "<perfusion:broken>"
-    assert "[Perfusion] concept card 'broken':" in capsys.readouterr().out
 
 
 def test_the_editor_saves_preferences_and_refuses_a_beta_outside_its_range(page_module, folder):
@@ -185,8 +185,9 @@ def test_inserted_text_follows_the_valid_preferences_only(metadata, inserted):
     assert cards.inserted_text("hugsy", "hugsy", metadata) == inserted
 
 
-def test_descriptions_escape_what_the_file_says():
+def test_descriptions_are_plain_text_for_the_webui_to_escape():
+    """A1111 escapes a card's description itself: markup would show as typed, and escaping twice garbles quotes."""
     concept = make_concept(3, SMALL_LAYERS, "hugsy", "teddy")
-    concept.superclass = "<script>"
-    assert "&lt;script&gt;" in cards.description(concept, 40_000) and "<script>" not in cards.description(concept, 1)
-    assert cards.description(None, 0, "bad <file>") == "<b>cannot be used</b>: bad &lt;file&gt;"
+    assert cards.description(concept, 40_000) == (
+        "trigger 'hugsy', a teddy; recommended β 0.70, τ 0.15 (local lock); sd15, 39 KB")
+    assert cards.description(None, 0, "'x.safetensors' is <bad>") == "cannot be used: 'x.safetensors' is <bad>"
