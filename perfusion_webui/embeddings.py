@@ -2,6 +2,8 @@
 keep different databases; a registered word shadows a textual inversion of the same name until it is removed)."""
 from __future__ import annotations
 
+from perfusion_ops.concept import ConceptError
+
 
 class Embeddings:
     """The learned trigger vectors, registered in the host's embedding database for one generation."""
@@ -16,8 +18,12 @@ class Embeddings:
         if engine is not None:  # Forge
             from backend.text_processing.textual_inversion import Embedding
             return engine.embeddings, Embedding, lambda db, e, name: db.register_embedding_by_name(e, name)
-        from modules import sd_hijack, shared
-        from modules.textual_inversion.textual_inversion import Embedding
+        try:
+            from modules import sd_hijack, shared
+            from modules.textual_inversion.textual_inversion import Embedding
+        except ImportError as err:  # a Forge (Neo) engine without a text_processing_engine, e.g. not SD1.x
+            raise ConceptError("this model has no textual-inversion database for the trigger words "
+                               "(Perfusion concepts need an SD1.x checkpoint in the webuis)") from err
         return (sd_hijack.model_hijack.embedding_db, Embedding,
                 lambda db, e, name: db.register_embedding_by_name(e, shared.sd_model, name))
 

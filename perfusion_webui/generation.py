@@ -38,7 +38,9 @@ class Generation:
         if self.activation is not None and self.monitors:
             log.info(f"edit applied in {self.calls} cross-attention layer calls; "
                      + "; ".join(m.report(self.activation.names) for m in self.monitors if m.contexts)
-                     + ("" if any(m.contexts for m in self.monitors) else "no text context reached it")
+                     + ("" if any(m.contexts for m in self.monitors)
+                        else "strength 0: the concepts are off" if not any(self.activation.strengths)
+                        else "no text context reached it")
                      + ("" if self.keys is None else f"; global key lock: K context replaced in "
                      f"{self.keys.matched_rows} batch rows"))
         if self.hooks is not None:
@@ -54,11 +56,17 @@ def _crossattn(cond):
     return cond["crossattn"] if isinstance(cond, dict) else cond
 
 
-def key_contexts(p, act: Activation) -> KeyContexts | None:
+def key_contexts(p, act: Activation, clip_skip: int) -> KeyContexts | None:
     """Encode every prompt of the batch and its key-lock version (triggers → superclass), the way the webui
-    splits it (AND, [from:to:when] schedules), and pair the encodings for :class:`KeyContexts`."""
+    splits it (AND, [from:to:when] schedules), at the CLIP layer of ``clip_skip``, and pair the encodings for
+    :class:`KeyContexts`."""
     if not act.global_lock:
         return None
+    set_clip_skip = getattr(p.sd_model, "set_clip_skip", None)
+    if set_clip_skip is not None:
+        # Forge (and Neo) set the CLIP layer when they encode the prompts, after this activation: the first
+        # generation after a Clip skip change would pair encodings of the old layer with the new real ones
+        set_clip_skip(clip_skip)
     from modules import prompt_parser
 
     keys = KeyContexts()

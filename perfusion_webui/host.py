@@ -79,7 +79,7 @@ class ExtraNetworkPerfusion(extra_networks.ExtraNetwork):
             act = activate(tags, library(), widths, text_width, clip_layer=-clip_skip)
             STATE.activation = act
             STATE.embeddings.register(p.sd_model, act.triggers())
-            STATE.keys = key_contexts(p, act)
+            STATE.keys = key_contexts(p, act, clip_skip)
             if use_hooks(p.sd_model):
                 STATE.hooks = HookedEdit(unet, STATE.edit(), STATE.keys)
             p.extra_generation_params.update(act.infotext())

@@ -1,5 +1,7 @@
 """Concept files for the webui (folders, names, hashes) and one generation's activation from its tags."""
 import hashlib
+import sys
+import types
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from perfusion_ops.concept import ConceptError
 from perfusion_ops.concept_file import save_concept
 from perfusion_webui.prompt_tags import PerfusionTag, TagError, parse_infotext
 from perfusion_webui.activation import activate, replace_words
+from perfusion_webui.embeddings import Embeddings
 from perfusion_webui.library import ConceptLibrary
 from perfusion_webui.monitor import GateMonitor
 from webui_fixtures import SMALL_LAYERS, TEXT, encodings, make_concept
@@ -138,3 +141,11 @@ def test_gate_monitor_reports_the_gate_not_the_strength(folders):
         context[0, 3] = act.concepts[0].target_input
         edit.projection(layer, "v", lambda x: x[..., : SMALL_LAYERS[layer]])(context)
         assert expected in monitor.report(act.names)
+
+
+def test_a_model_without_a_textual_inversion_database_is_refused_with_a_reason(monkeypatch):
+    """A Forge Neo engine other than SD1.x has no text_processing_engine, and Neo has no modules.sd_hijack: the
+    trigger words cannot be registered, which is the user's checkpoint, not a fault (one line, no traceback)."""
+    monkeypatch.setitem(sys.modules, "modules", types.ModuleType("modules"))  # no sd_hijack in it
+    with pytest.raises(ConceptError, match="no textual-inversion database .* need an SD1.x checkpoint"):
+        Embeddings().register(types.SimpleNamespace(), {})

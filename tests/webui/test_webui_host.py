@@ -127,7 +127,7 @@ def test_one_a1111_generation(webui):
     script.postprocess(p, None)
 
 
-def test_a_tag_at_strength_zero_leaves_the_generation_as_without_it(webui):
+def test_a_tag_at_strength_zero_leaves_the_generation_as_without_it(webui, capsys):
     """<perfusion:kitto:0> next to hugsy: exactly hugsy alone (README: 0 leaves the model exactly as without the
     tag), whatever the two concepts' inputs have in common; alone, it hooks nothing."""
     save_concept(make_concept(1, SMALL_LAYERS, "hugsy", "teddy"), webui.folder / "hugsy.safetensors")
@@ -154,8 +154,10 @@ def test_a_tag_at_strength_zero_leaves_the_generation_as_without_it(webui):
     alone, with_off = outputs(["hugsy"]), outputs(["hugsy"], ["kitto", "0"])
     assert all(torch.equal(x, y) for x, y in zip(alone[:2], with_off[:2])) and alone[2] == with_off[2]
     host = (attn.to_k(context), attn.to_v(context))
+    capsys.readouterr()
     only_off = outputs(["kitto", "0"])
     assert only_off[2] == [] and all(torch.equal(x, y) for x, y in zip(only_off[:2], host))
+    assert "edit applied in 0 cross-attention layer calls; strength 0: the concepts are off" in capsys.readouterr().out
 
 
 BAD_TAGS = [  # (tag items, the reason the console line and the infotext give)
@@ -235,6 +237,27 @@ def test_global_key_lock_a1111(webui):
     assert state.keys.matched_rows == 1
     webui.registry["perfusion"].deactivate(p)
     assert hooked_modules(unet) == []
+
+
+def test_forge_encodes_the_key_lock_prompts_at_the_clip_skip_of_this_generation(webui):
+    """Forge sets its CLIP layer only when it encodes the prompts, after the activation; the key-lock encodings
+    must use this generation's Clip skip, or the first generation after a change finds no row to lock."""
+    concept = make_concept(1, SMALL_LAYERS, "hugsy", "teddy", clip_layer=-2)  # trained at Clip skip 2
+    save_concept(concept, webui.folder / "hugsy.safetensors")
+    layer = {"now": 1}
+    encoded = []
+
+    def encode(texts):
+        encoded.extend((text, layer["now"]) for text in texts)
+        return torch.cat([fake_encoding(f"{t} @{layer['now']}") for t in texts])
+
+    sd_model = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=attention_unet(SMALL_LAYERS, seed=5)),
+                                     get_learned_conditioning=encode, set_clip_skip=lambda n: layer.update(now=n))
+    webui.opts.CLIP_stop_at_last_layers = 2
+    p = Processing(sd_model, ["a photo of hugsy"])
+    webui.host.PerfusionScript().process(p)
+    webui.registry["perfusion"].activate(p, [Params(["hugsy", "lock=global"])])
+    assert encoded == [("a photo of hugsy", 2), ("a photo of teddy", 2)]
 
 
 def test_a_trigger_in_the_negative_prompt_is_applied_there_and_said_so(webui, capsys):
