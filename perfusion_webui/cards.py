@@ -53,8 +53,9 @@ def description(concept: Concept | None, size: int, error: str | None = None) ->
     if concept is None:
         return f"cannot be used: {error or 'unreadable file'}"
     beta, tau = concept.recommended(LOCAL)
+    clip_skip = "" if concept.clip_layer == -1 else f"; needs Clip skip {-concept.clip_layer}"
     return (f"trigger '{concept.trigger}', a {concept.superclass}; recommended β {beta:.2f}, τ {tau:.2f} "
-            f"(local lock); {concept.model_family}, {_size(size)}")
+            f"(local lock); {concept.model_family}, {_size(size)}{clip_skip}")
 
 
 def details(concept: Concept) -> dict[str, str]:
@@ -64,6 +65,7 @@ def details(concept: Concept) -> dict[str, str]:
         "superclass": concept.superclass,
         "model family": concept.model_family,
         "text width": str(concept.width),
+        "clip skip": str(-concept.clip_layer),
         "layers": str(len(concept.layers)),
         "keys": "trained (trained-k)" if concept.trained_keys else "locked",
         "recommended gate, local lock": "β {:.3f}, τ {:.3f}".format(*concept.recommended(LOCAL)),

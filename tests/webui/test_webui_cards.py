@@ -191,3 +191,11 @@ def test_descriptions_are_plain_text_for_the_webui_to_escape():
     assert cards.description(concept, 40_000) == (
         "trigger 'hugsy', a teddy; recommended β 0.70, τ 0.15 (local lock); sd15, 39 KB")
     assert cards.description(None, 0, "'x.safetensors' is <bad>") == "cannot be used: 'x.safetensors' is <bad>"
+
+
+def test_a_concept_trained_at_another_clip_skip_says_which():
+    """Forge Neo defaults to Clip skip 2: the card says what a concept needs before a generation refuses it."""
+    assert cards.description(make_concept(3, SMALL_LAYERS), 1024).endswith("sd15, 1 KB")
+    skip2 = make_concept(3, SMALL_LAYERS, clip_layer=-2)
+    assert cards.description(skip2, 1024).endswith("sd15, 1 KB; needs Clip skip 2")
+    assert cards.details(skip2)["clip skip"] == "2"
