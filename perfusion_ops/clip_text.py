@@ -2,7 +2,7 @@
 
 Hosts run their CLIP without gradients (ComfyUI: in-place residual adds, inference tensors), but training needs
 ``∂ encoding / ∂ trigger embedding``. This is the standard CLIP text forward (pre-LN transformer, causal mask,
-quick-GELU, final LayerNorm) written functionally, reading weights named as in the HF/ComfyUI ``text_model``.
+quick-GELU or GELU, final LayerNorm) written functionally, reading weights named as in the HF/ComfyUI ``text_model``.
 """
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ class ClipTextForward:
 
     ``weights`` maps ``text_model`` names (``embeddings.token_embedding.weight``, ``encoder.layers.0.mlp.fc1.weight``,
     ``final_layer_norm.bias``, ...) to frozen tensors. ``layer`` follows ComfyUI's CLIPSetLastLayer: -1 is the last
-    layer, -2 the one before; the final LayerNorm is applied to whichever layer is taken (as SD1 does)."""
+    layer, -2 the one before. SD1 applies the final LayerNorm to whichever layer it takes (``final_norm``); SDXL
+    takes layer -2 of both encoders without it. CLIP-L uses quick-GELU, OpenCLIP bigG the exact GELU; every CLIP
+    text tower has 64-wide heads."""
 
-    def __init__(self, weights: dict[str, Tensor], heads: int = 12, eps: float = 1e-5):
+    def __init__(self, weights: dict[str, Tensor], activation: str = "quick_gelu", eps: float = 1e-5):
         self.w = {name: t.detach() for name, t in weights.items()}
-        self.heads, self.eps = heads, eps
+        self.heads, self.eps = self.token_table.shape[1] // 64, eps
+        self.activation = {"quick_gelu": lambda h: h * torch.sigmoid(1.702 * h), "gelu": F.gelu}[activation]
         self.depth = 1 + max(int(name.split(".")[2]) for name in self.w if name.startswith("encoder.layers."))
 
     @property
@@ -33,14 +36,23 @@ class ClipTextForward:
         """Token embeddings (before position embeddings) of ``ids`` ``(B, L)``."""
         return F.embedding(ids, self.token_table)
 
-    def __call__(self, embeds: Tensor, layer: int = -1) -> Tensor:
+    def __call__(self, embeds: Tensor, layer: int = -1, final_norm: bool = True) -> Tensor:
+        x = self._layers(embeds, self.depth + layer if layer < 0 else layer)
+        return self._norm(x, "final_layer_norm") if final_norm else x
+
+    def pooled(self, embeds: Tensor, eos: Tensor, projection: Tensor) -> Tensor:
+        """The text embedding CLIP's contrastive head sees (SDXL's ``y`` takes bigG's): the last layer, final
+        LayerNorm, at each row's first end token ``eos`` ``(B,)``, times ``projection`` ``(P, T)``."""
+        x = self._norm(self._layers(embeds, self.depth - 1), "final_layer_norm")
+        return x[torch.arange(len(x), device=x.device), eos] @ projection.T.to(x)
+
+    def _layers(self, embeds: Tensor, stop: int) -> Tensor:
         length = embeds.shape[1]
         x = embeds + self.w["embeddings.position_embedding.weight"][:length]
         causal = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        stop = self.depth + layer if layer < 0 else layer
         for index in range(stop + 1):
             x = self._block(x, f"encoder.layers.{index}.", causal)
-        return self._norm(x, "final_layer_norm")
+        return x
 
     def _norm(self, x: Tensor, name: str) -> Tensor:
         return F.layer_norm(x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.eps)
@@ -55,4 +67,4 @@ class ClipTextForward:
         attention = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self._linear(rearrange(attention, "b h l d -> b l (h d)"), p + "self_attn.out_proj")
         h = self._linear(self._norm(x, p + "layer_norm2"), p + "mlp.fc1")
-        return x + self._linear(h * torch.sigmoid(1.702 * h), p + "mlp.fc2")
+        return x + self._linear(self.activation(h), p + "mlp.fc2")

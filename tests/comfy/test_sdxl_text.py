@@ -1,0 +1,56 @@
+"""SDXL's text side in a real ComfyUI: the core's differentiable CLIP forward, on ComfyUI's own SDXL CLIP weights,
+gives the 2048-wide context (CLIP-L and OpenCLIP bigG, layer -2, no final norm) and bigG's pooled output that
+ComfyUI's encode gives. The CLIP is ComfyUI's SDXL class at 3 layers per encoder (full widths, random weights)."""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the ComfyUI host tests need torch")
+
+from perfusion_ops.clip_text import ClipTextForward  # noqa: E402
+
+SDXL_UNET = {"model_channels": 320, "use_linear_in_transformer": True, "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "context_dim": 2048, "adm_in_channels": 2816, "use_temporal_attention": False}
+
+
+def random_fill(module: torch.nn.Module, seed: int = 0) -> None:
+    """ComfyUI leaves its layers uninitialised: weights N(0, 0.02), norms 1, biases 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            else:
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+
+
+@pytest.fixture(scope="module")
+def sdxl_clip(comfy):
+    sd, supported = (importlib.import_module(f"comfy.{name}") for name in ("sd", "supported_models"))
+    if "model_options" not in inspect.signature(sd.CLIP).parameters:
+        pytest.skip(f"{comfy.label}: its CLIP takes no model_options, so no reduced SDXL text encoder can be built")
+    small = {"num_hidden_layers": 3}
+    options = {"dtype": torch.float32, "clip_l_model_config": small, "clip_g_model_config": small}
+    clip = sd.CLIP(supported.SDXL(SDXL_UNET).clip_target(), model_options=options)
+    random_fill(clip.cond_stage_model)
+    return clip
+
+
+def test_the_core_forward_is_comfyuis_sdxl_encode(sdxl_clip):
+    encoders = sdxl_clip.cond_stage_model
+    for prompt in ("a photo of a cat on a sofa", "two red apples"):
+        tokens = sdxl_clip.tokenize(prompt)
+        with torch.inference_mode():
+            want, want_pooled = sdxl_clip.encode_from_tokens(tokens, return_pooled=True)
+        hidden = []
+        for key, encoder, activation in (("l", encoders.clip_l, "quick_gelu"), ("g", encoders.clip_g, "gelu")):
+            forward = ClipTextForward(encoder.transformer.text_model.state_dict(), activation)
+            ids = torch.tensor([[token[0] for token in tokens[key][0]]])
+            hidden.append(forward(forward.embed(ids), -2, final_norm=False))
+        eos = (ids == sdxl_clip.tokenizer.clip_g.end_token).int().argmax(1)
+        pooled = forward.pooled(forward.embed(ids), eos, encoders.clip_g.transformer.text_projection.weight)
+        assert torch.allclose(torch.cat(hidden, -1), want, atol=2e-5), (torch.cat(hidden, -1) - want).abs().max()
+        assert torch.allclose(pooled, want_pooled, atol=2e-5), (pooled - want_pooled).abs().max()
