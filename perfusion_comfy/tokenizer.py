@@ -17,7 +17,7 @@ import torch
 from perfusion_ops.words import replace_words, whole_words
 
 TRIGGER_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
-TOKEN_KEY = "l"  # the CLIP-L token list of SD1.x tokenizers
+TOKEN_KEY = "l"  # the CLIP-L token list, in SD1.x and SDXL tokenizers alike
 # Rare fragments that CLIP's BPE vocabulary holds as single tokens; each is checked through the host's own
 # tokenizer before use, and tests/comfy/test_tokenizer.py checks that all of them pass.
 MARKERS = (
@@ -53,9 +53,11 @@ class TriggerTokenizer:
     def __init__(self, base, concepts: dict):
         self.base = base
         self.concepts = {word.lower(): concept for word, concept in concepts.items()}
-        # the rows put into token lists, kept so that the encoder-side check can recognise them by identity
-        self.rows = {word: list(c.embedding.detach().float().cpu()) for word, c in self.concepts.items()}
-        self._owner = {id(row): word for word, rows in self.rows.items() for row in rows}
+        # the rows put into token lists, {word: {tokenizer key: rows}} (SDXL: a CLIP-L and a bigG row per vector),
+        # kept so that the encoder-side check can recognise them by identity
+        self.rows = {word: {key: list(part.detach().float().cpu()) for key, part in c.embedding_parts().items()}
+                     for word, c in self.concepts.items()}
+        self._owner = {id(row): word for word, keys in self.rows.items() for rows in keys.values() for row in rows}
         self._marker_ids: dict[str, int | None] = {}
 
     def __getattr__(self, name):
@@ -82,17 +84,19 @@ class TriggerTokenizer:
             markers = self._assign_markers(present, excluded)  # {word: [marker per vector row]}
             tokens = self.base.tokenize_with_weights(
                 replace_triggers(text, {w: " ".join(markers[w]) for w in present}), return_word_ids, **kwargs)
-            rows = {self._marker_ids[m]: row for w in present for m, row in zip(markers[w], self.rows[w])}
-            found = _count(tokens.get(TOKEN_KEY, []), rows)
+            # every key's list comes from the same vocabulary, so a marker has one id in all of them
+            rows = {key: {self._marker_ids[m]: row for w in present for m, row in zip(markers[w], self.rows[w][key])}
+                    for key in self.rows[present[0]]}
+            found = _count(tokens.get(TOKEN_KEY, []), rows[TOKEN_KEY])
             clashes = {m for w in present for m in markers[w] if found[self._marker_ids[m]] != counts[w]}
             if not clashes:
-                return {key: _swap(chunks, rows) if key == TOKEN_KEY else chunks for key, chunks in tokens.items()}
+                return {key: _swap(chunks, rows[key]) if key in rows else chunks for key, chunks in tokens.items()}
             excluded |= clashes  # the prompt itself produces this token: take another marker
 
     def _assign_markers(self, words: list[str], excluded: set[str]) -> dict[str, list[str]]:
         free = (m for m in MARKERS if m not in excluded and self._marker_id(m) is not None)
         try:
-            return {w: [next(free) for _ in self.rows[w]] for w in words}
+            return {w: [next(free) for _ in self.rows[w][TOKEN_KEY]] for w in words}
         except StopIteration:
             raise RuntimeError("Perfusion: no single-token marker word is left for the trigger words of this prompt "
                                "(too many trigger vectors, or not a CLIP BPE tokenizer)") from None

@@ -12,9 +12,14 @@ from torch import Tensor
 from .envelope import MAX_LAYERS, MAX_STEPS, MAX_VECTORS, MAX_WIDTH
 from .settings import BETA, GLOBAL, LOCAL, PAPER_GATES, TAU
 
-# Text encoders the format knows, by the width of the encodings they feed cross-attention.
-TEXT_ENCODERS = {"clip-l": 768, "open-clip-h": 1024, "clip-g": 1280}
-FAMILY_OF_WIDTH = {768: "SD1.x (CLIP-L)", 1024: "SD2.x (OpenCLIP-H)", 1280: "SDXL (CLIP-G)"}
+# Text encoders the format knows, by the width of the encodings they feed cross-attention. SDXL concatenates the
+# hidden states of CLIP-L and OpenCLIP bigG (768 + 1280); its refiner uses bigG alone.
+TEXT_ENCODERS = {"clip-l": 768, "open-clip-h": 1024, "clip-g": 1280, "clip-l+clip-g": 2048}
+FAMILY_OF_WIDTH = {768: "SD1.x (CLIP-L)", 1024: "SD2.x (OpenCLIP-H)", 1280: "the SDXL refiner (OpenCLIP bigG)",
+                   2048: "SDXL (CLIP-L + OpenCLIP bigG)"}
+# How a trigger vector splits over the encoders behind one context width: (ComfyUI's tokenizer key, width), in the
+# order their hidden states are concatenated. A width not listed is one encoder's, under key "l".
+ENCODER_PARTS = {2048: (("l", 768), ("g", 1280))}
 LAYER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
 
@@ -69,6 +74,14 @@ class Concept:
     def learned(self) -> dict[str, Tensor]:
         """What training learns, by the names concept files give those tensors (see :func:`learned_tensors`)."""
         return learned_tensors(self.embedding, self.value_outputs, self.key_outputs)
+
+    def embedding_parts(self) -> dict[str, Tensor]:
+        """The learned trigger vectors ``(N, T)`` split per text encoder, ``{tokenizer key: (N, width)}``: SDXL's
+        2048-wide vectors are a CLIP-L row and a bigG row side by side, as the contexts they become."""
+        parts, start = {}, 0
+        for key, width in ENCODER_PARTS.get(self.embedding.shape[-1], (("l", self.embedding.shape[-1]),)):
+            parts[key], start = self.embedding[:, start : start + width], start + width
+        return parts
 
     def recommended(self, lock: str) -> tuple[float, float]:
         """Recommended inference ``(β, τ)`` for ``lock`` 'local' or 'global' (paper Sec. 4.4: τ 0.15,

@@ -174,10 +174,13 @@ def _state(tensors: dict[str, torch.Tensor], metadata: dict[str, str], concept: 
 
 
 def export_embedding(concept: Concept, path: str | os.PathLike) -> Path:
-    """Write the learned trigger embedding as a standard textual-inversion file (``emb_params``, (N, T)).
+    """Write the learned trigger embedding as a standard textual-inversion file: ``emb_params`` (N, T) for one text
+    encoder, ``clip_l`` and ``clip_g`` for SDXL's two (the layout SDXL embeddings use).
 
     ComfyUI (``embedding:<name>``) and the webui read this format; it carries no rank-1 edit."""
-    tensors = {"emb_params": concept.embedding.detach().to("cpu", torch.float32).contiguous()}
+    parts = concept.embedding_parts()
+    names = {"l": "emb_params"} if len(parts) == 1 else {"l": "clip_l", "g": "clip_g"}
+    tensors = {names[key]: part.detach().to("cpu", torch.float32).contiguous() for key, part in parts.items()}
     metadata = {"trigger": concept.trigger, "superclass": concept.superclass, "source": FORMAT}
     return atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 

@@ -66,7 +66,7 @@ def random_concept(
     q = (ridge_inverse(covariance) @ i.double()).float()
     outputs = {layer: torch.randn(dim, generator=g) for layer, dim in layers.items()}
     keys = {layer: torch.randn(dim, generator=g) for layer, dim in layers.items()} if trained_k else None
-    text_encoder = {768: "clip-l", 1024: "open-clip-h", 1280: "clip-g"}[width]
+    text_encoder = {768: "clip-l", 1024: "open-clip-h", 1280: "clip-g", 2048: "clip-l+clip-g"}[width]
     return Concept(
         trigger=trigger, superclass=superclass, embedding=torch.randn(1, width, generator=g) * 0.02,
         target_input=i, target_key=q, superclass_encoding=e_sup, value_outputs=outputs, key_outputs=keys,

@@ -54,3 +54,27 @@ def test_the_core_forward_is_comfyuis_sdxl_encode(sdxl_clip):
         pooled = forward.pooled(forward.embed(ids), eos, encoders.clip_g.transformer.text_projection.weight)
         assert torch.allclose(torch.cat(hidden, -1), want, atol=2e-5), (torch.cat(hidden, -1) - want).abs().max()
         assert torch.allclose(pooled, want_pooled, atol=2e-5), (pooled - want_pooled).abs().max()
+
+
+def test_a_trigger_word_is_both_encoders_learned_rows_as_comfyuis_own_sdxl_embedding_gives(sdxl_clip, tmp_path):
+    """The trigger becomes the CLIP-L row in the "l" tokens and the bigG row in the "g" tokens; encoded, that is
+    exactly what ComfyUI's own ``embedding:<name>`` gives for the exported file (its SDXL clip_l/clip_g layout)."""
+    from perfusion_comfy.tokenizer import with_concepts
+    from perfusion_ops.concept_file import export_embedding
+    from tools.factories import random_concept
+
+    concept = random_concept(width=2048, layers={"input_blocks.4.1.transformer_blocks.0.attn2": 640})
+    concept.embedding = torch.randn(1, 2048, generator=torch.Generator().manual_seed(3)) * 0.02
+    tokenizer = with_concepts(sdxl_clip.tokenizer, {"hugsy": concept})
+    tokens = tokenizer.tokenize_with_weights("a photo of hugsy, studio light")
+    assert torch.equal(tokens["l"][0][4][0], concept.embedding[0, :768])
+    assert torch.equal(tokens["g"][0][4][0], concept.embedding[0, 768:])
+    assert tokenizer.triggers_in(tokens) == {"hugsy"}
+    export_embedding(concept, tmp_path / "hugsy-ti.safetensors")
+    reference = sdxl_clip.clone()
+    reference.tokenizer = type(sdxl_clip.tokenizer)(embedding_directory=str(tmp_path))
+    with torch.inference_mode():
+        got, got_pooled = sdxl_clip.encode_from_tokens(tokens, return_pooled=True)
+        want, want_pooled = reference.encode_from_tokens(
+            reference.tokenize("a photo of embedding:hugsy-ti, studio light"), return_pooled=True)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_pooled, want_pooled, atol=1e-5)

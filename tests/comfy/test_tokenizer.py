@@ -83,7 +83,7 @@ def test_long_prompts_keep_the_hosts_chunks_and_other_words_alone(comfy, clip, c
     ours = tokenizer.tokenize_with_weights(prompt, True)
     plain = clip.tokenizer.tokenize_with_weights(prompt.replace(" hugsy on", " cat on"), True)
     assert len(ours["l"]) == len(plain["l"]) > 2
-    vector = tokenizer.rows["hugsy"][0]
+    vector = tokenizer.rows["hugsy"]["l"][0]
     swapped = 0
     for a, b in zip(flat(ours), flat(plain)):
         if isinstance(a[0], torch.Tensor):
