@@ -17,19 +17,30 @@ ENCODE = "encode_token_weights"  # SD1ClipModel's public entry point, called by 
 
 
 def clip_layer(clip) -> int:
-    """The hidden layer a ComfyUI CLIP encodes from (CLIP Set Last Layer; -1 when never set)."""
-    return clip.layer_idx if getattr(clip, "layer_idx", None) is not None else -1
+    """The hidden layer a ComfyUI CLIP encodes from: CLIP Set Last Layer's, else its text model's default (SD1.x:
+    -1, the last; SDXL: -2 in both encoders)."""
+    if getattr(clip, "layer_idx", None) is not None:
+        return clip.layer_idx
+    default = getattr(_first_encoder(clip.cond_stage_model), "options_default", None)
+    layer = _layer(*default[:2]) if default else None
+    return -1 if layer is None else layer
 
 
 def encoder_layer(text_model) -> int | None:
-    """The layer ComfyUI's SD1 text model is set to encode from at this moment (-1: the last), None if unknown.
+    """The layer ComfyUI's text model is set to encode from at this moment (-1: the last), None if unknown.
 
     ``CLIP.encode_from_tokens`` sets it on the model just before calling ``encode_token_weights``."""
-    inner = getattr(text_model, getattr(text_model, "clip", "clip_l"), None)
-    mode = getattr(inner, "layer", None)
-    if mode == "last":
-        return -1
-    return getattr(inner, "layer_idx", None) if mode == "hidden" else None
+    inner = _first_encoder(text_model)
+    return _layer(getattr(inner, "layer", None), getattr(inner, "layer_idx", None))
+
+
+def _first_encoder(text_model):
+    """SD1.x's CLIP-L, or SDXL's (both of its encoders are set alike)."""
+    return getattr(text_model, getattr(text_model, "clip", "clip_l"), None)
+
+
+def _layer(mode, index) -> int | None:
+    return -1 if mode == "last" else index if mode == "hidden" else None
 
 
 class LayerGuard:

@@ -78,3 +78,21 @@ def test_a_trigger_word_is_both_encoders_learned_rows_as_comfyuis_own_sdxl_embed
         want, want_pooled = reference.encode_from_tokens(
             reference.tokenize("a photo of embedding:hugsy-ti, studio light"), return_pooled=True)
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_pooled, want_pooled, atol=1e-5)
+
+
+def test_sdxl_encodes_from_layer_minus_two_unless_set(sdxl_clip, loaded_sd15_clip):
+    """SDXL's default is the penultimate layer of both encoders, SD1.x's the last: a concept's layer check must
+    compare with what the CLIP really encodes from."""
+    from perfusion_comfy.clip_layer import clip_layer
+    assert clip_layer(sdxl_clip) == -2 and clip_layer(loaded_sd15_clip) == -1
+    for layer in (-1, -3):
+        skip = sdxl_clip.clone()
+        skip.clip_layer(layer)
+        assert clip_layer(skip) == layer
+    assert clip_layer(sdxl_clip) == -2
+
+
+@pytest.fixture(scope="module")
+def loaded_sd15_clip(comfy, small_checkpoint):
+    with torch.inference_mode():
+        return comfy.node("CheckpointLoaderSimple")().load_checkpoint(small_checkpoint.name)[1]
