@@ -1,6 +1,8 @@
-"""SDXL's text side in a real ComfyUI: the core's differentiable CLIP forward, on ComfyUI's own SDXL CLIP weights,
-gives the 2048-wide context (CLIP-L and OpenCLIP bigG, layer -2, no final norm) and bigG's pooled output that
-ComfyUI's encode gives. The CLIP is ComfyUI's SDXL class at 3 layers per encoder (full widths, random weights)."""
+"""SDXL in a real ComfyUI, on its own SDXL classes: the text side (the core's differentiable CLIP forward gives the
+2048-wide context of CLIP-L and OpenCLIP bigG, layer -2, no final norm, and bigG's pooled output, as ComfyUI's encode
+does; trigger words in both token lists) and Apply on an SDXL UNet. The CLIP is ComfyUI's SDXL class at 3 layers
+per encoder (full widths), the UNet its SDXL model at reduced width and depth (2048-wide context, the 2816-wide
+``y``), both with random weights, built in process: no SDXL file is needed."""
 from __future__ import annotations
 
 import importlib
@@ -14,17 +16,25 @@ from perfusion_ops.clip_text import ClipTextForward  # noqa: E402
 
 SDXL_UNET = {"model_channels": 320, "use_linear_in_transformer": True, "transformer_depth": [0, 0, 2, 2, 10, 10],
              "context_dim": 2048, "adm_in_channels": 2816, "use_temporal_attention": False}
+MICRO_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+              "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+              "model_channels": 64, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
+              "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1], "use_linear_in_transformer": True,
+              "context_dim": 2048, "num_head_channels": 64, "use_temporal_attention": False,
+              "use_temporal_resblock": False}
 
 
 def random_fill(module: torch.nn.Module, seed: int = 0) -> None:
-    """ComfyUI leaves its layers uninitialised: weights N(0, 0.02), norms 1, biases 0."""
+    """ComfyUI leaves its layers uninitialised: weights N(0, 0.02), norms (by module type) 1 and 0, biases 0."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            else:
-                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+        for owner in module.modules():
+            norm = "Norm" in type(owner).__name__
+            for name, p in owner.named_parameters(recurse=False):
+                if norm or name == "bias":
+                    p.fill_(1.0 if norm and name == "weight" else 0.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +106,39 @@ def test_sdxl_encodes_from_layer_minus_two_unless_set(sdxl_clip, loaded_sd15_cli
 def loaded_sd15_clip(comfy, small_checkpoint):
     with torch.inference_mode():
         return comfy.node("CheckpointLoaderSimple")().load_checkpoint(small_checkpoint.name)[1]
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(comfy, sdxl_clip):
+    supported, patcher = (importlib.import_module(f"comfy.{name}") for name in ("supported_models", "model_patcher"))
+    config = supported.SDXL(MICRO_UNET)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    random_fill(model.diffusion_model, seed=1)
+    return patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+def render(comfy, model, clip, prompt):
+    with torch.inference_mode():
+        positive = comfy.node("CLIPTextEncode")().encode(clip, prompt)[0]
+        negative = comfy.node("CLIPTextEncode")().encode(clip, "")[0]
+        latent = comfy.node("EmptyLatentImage")().generate(64, 64, 1)[0]
+        return comfy.nodes.common_ksampler(model, 7, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def test_apply_edits_an_sdxl_unet_and_strength_zero_is_the_plain_one(comfy, sdxl_model, sdxl_clip):
+    from perfusion_ops.modules import cross_attention_layers
+    from tools.factories import random_concept
+
+    layers = cross_attention_layers(sdxl_model.model.diffusion_model)
+    assert len(layers) == 7 and set(layers.values()) == {64, 128}
+    concept = random_concept(width=2048, layers=layers)
+    concept.clip_layer = -2  # SDXL's default layer: what a concept trained on an SDXL checkpoint records
+    apply = comfy.node("PerfusionApply")().apply
+    model, clip = apply(sdxl_model, sdxl_clip, concept, 0.7, 0.15, "local")
+    off, _ = apply(sdxl_model, sdxl_clip, concept, 0.7, 0.15, "local", strength=0.0)
+    prompt = "a photo of hugsy on a table"
+    plain, edited, at_zero = (render(comfy, m, clip, prompt) for m in (sdxl_model, model, off))
+    assert not torch.equal(plain, edited)
+    assert torch.equal(plain, at_zero)  # strength 0: the SDXL model as it was, bit for bit
+    assert not sdxl_model.object_patches  # the host's model holds no patch of ours
