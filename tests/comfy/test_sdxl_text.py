@@ -19,7 +19,8 @@ SDXL_UNET = {"model_channels": 320, "use_linear_in_transformer": True, "transfor
 MICRO_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
               "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
               "model_channels": 64, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
-              "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1], "use_linear_in_transformer": True,
+              "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1],
+              "use_linear_in_transformer": True,
               "context_dim": 2048, "num_head_channels": 64, "use_temporal_attention": False,
               "use_temporal_resblock": False}
 
@@ -123,7 +124,8 @@ def render(comfy, model, clip, prompt):
         positive = comfy.node("CLIPTextEncode")().encode(clip, prompt)[0]
         negative = comfy.node("CLIPTextEncode")().encode(clip, "")[0]
         latent = comfy.node("EmptyLatentImage")().generate(64, 64, 1)[0]
-        return comfy.nodes.common_ksampler(model, 7, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+        samples = comfy.nodes.common_ksampler(model, 7, 2, 5.0, "euler", "normal", positive, negative, latent)
+    return samples[0]["samples"]
 
 
 def test_apply_edits_an_sdxl_unet_and_strength_zero_is_the_plain_one(comfy, sdxl_model, sdxl_clip):
