@@ -85,16 +85,20 @@ class ComfyTrainingHost:
         self.checkpointing = gradient_checkpointing
         self.word_tokenizer = clip.tokenizer.clip_l.tokenizer  # the HF CLIP BPE tokenizer ComfyUI ships
         self.start, self.end = self.word_tokenizer("")["input_ids"]
-        text_model = clip.cond_stage_model.clip_l.transformer.text_model
-        with torch.inference_mode(False):
-            weights = {k: v.detach().to(self.device, torch.float32).clone()
-                       for k, v in text_model.state_dict().items()}
-        self.text = ClipTextForward(weights)
+        self._text_forward(clip)
         load_for_training(model)
         self.unet = model.model.diffusion_model
         self.layers = cross_attention_layers(model)
         self._modules = {(layer, path): getattr(self.unet.get_submodule(layer), f"to_{path}")
                          for layer in self.layers for path in "kv"}
+
+    def _text_forward(self, clip) -> None:
+        """The differentiable text encoder over ComfyUI's own CLIP-L weights."""
+        text_model = clip.cond_stage_model.clip_l.transformer.text_model
+        with torch.inference_mode(False):
+            weights = {k: v.detach().to(self.device, torch.float32).clone()
+                       for k, v in text_model.state_dict().items()}
+        self.text = ClipTextForward(weights)
 
     def encoder_fingerprint(self) -> str:
         """Fingerprint of this CLIP's weights (keys the covariance cache; recorded in the concept)."""

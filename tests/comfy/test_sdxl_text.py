@@ -144,3 +144,28 @@ def test_apply_edits_an_sdxl_unet_and_strength_zero_is_the_plain_one(comfy, sdxl
     assert not torch.equal(plain, edited)
     assert torch.equal(plain, at_zero)  # strength 0: the SDXL model as it was, bit for bit
     assert not sdxl_model.object_patches  # the host's model holds no patch of ours
+
+
+def test_the_sdxl_training_host_encodes_as_comfyui_and_trains_both_rows(comfy, sdxl_model, sdxl_clip):
+    """The differentiable SDXL text path equals ComfyUI's encode; a few Perfusion steps on the SDXL UNet move the
+    CLIP-L and the bigG row of the trigger (bigG's also through y) and leave the UNet as it was."""
+    from perfusion_comfy.training_host_sdxl import SdxlTrainingHost
+    from perfusion_ops.training import Sample, TrainSettings, Trainer
+
+    prompts = ["a photo of a cat on a sofa", "two red apples"]
+    with torch.inference_mode():
+        want = torch.cat([sdxl_clip.encode_from_tokens(sdxl_clip.tokenize(p)) for p in prompts])
+    before = {k: v.clone() for k, v in sdxl_model.model.diffusion_model.state_dict().items()}
+    with torch.inference_mode(False):
+        host = SdxlTrainingHost(sdxl_model, sdxl_clip, clip_layer=-2)
+        got = host.encode_plain(prompts)
+        assert torch.allclose(got, want, atol=2e-5), (got - want).abs().max()
+        trainer = Trainer(host, "hugsy", "cat", torch.eye(2048), TrainSettings(steps=3, batch_size=1, grad_accum=1))
+        start = trainer.params.embedding.detach().clone()
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            trainer.step(lambda rng, batch: Sample(latents, None, ["a photo of hugsy"]))
+        moved = (trainer.params.embedding.detach() - start).abs()
+    assert moved[0, :768].max() > 0 and moved[0, 768:].max() > 0
+    after = sdxl_model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

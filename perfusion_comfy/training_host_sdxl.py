@@ -1,0 +1,87 @@
+"""The core's TrainingHost over an SDXL MODEL and CLIP: the SD1.x host (``training_host.py``) with SDXL's text side.
+
+SDXL's context is CLIP-L's and OpenCLIP bigG's hidden states side by side (2048 wide, layer -2 unless CLIP Set Last
+Layer says otherwise, no final norm); the UNet also takes ``y``, bigG's pooled output with the image size
+(``encode_adm``). The trigger's learned vector is a CLIP-L row and a bigG row (``Concept.embedding_parts``): each
+goes into its own encoder, and the bigG row reaches the UNet through ``y`` too, so both rows learn.
+"""
+from __future__ import annotations
+
+import torch
+
+from perfusion_ops.clip_text import ClipTextForward
+from perfusion_ops.concept import ENCODER_PARTS
+from perfusion_ops.covariance import fingerprint
+
+from .training_host import ComfyTrainingHost, _autocast
+
+WIDTH = 2048
+G_PAD = 0  # ComfyUI's bigG token lists pad with 0, CLIP-L's with the end token
+
+
+class SdxlTrainingHost(ComfyTrainingHost):
+    """TrainingHost for an SDXL ModelPatcher and CLIP (both ComfyUI's own classes), on the model's device."""
+
+    def _text_forward(self, clip):
+        encoders = clip.cond_stage_model
+        self.forwards = {}
+        with torch.inference_mode(False):
+            for key, activation in (("l", "quick_gelu"), ("g", "gelu")):
+                model = getattr(encoders, f"clip_{key}").transformer
+                weights = {k: v.detach().to(self.device, torch.float32).clone()
+                           for k, v in model.text_model.state_dict().items()}
+                self.forwards[key] = ClipTextForward(weights, activation)
+            self.projection = model.text_projection.weight.detach().to(self.device, torch.float32).clone()
+        self.text = self.forwards["l"]  # the SD1.x host's token table and tokenizer are CLIP-L's; the ids are shared
+        self._y = None  # (context, y) of the last encode: predict_noise takes the UNet's y from it
+
+    def encoder_fingerprint(self) -> str:
+        parts = [f.w[n] for f in self.forwards.values()
+                 for n in ("embeddings.token_embedding.weight", "final_layer_norm.weight")]
+        return fingerprint([parts[0][:4096], parts[1], parts[2][:4096], parts[3], self.projection])
+
+    def encode_ids(self, ids: torch.Tensor, vector: torch.Tensor | None = None, slots=None) -> torch.Tensor:
+        ids = ids.to(self.device)
+        widths = dict(ENCODER_PARTS[WIDTH])
+        hidden, start, eos = [], 0, (ids == self.end).int().argmax(1)
+        for key, forward in self.forwards.items():
+            key_ids = ids if key == "l" else torch.where(torch.arange(ids.shape[1], device=ids.device) > eos[:, None],
+                                                         G_PAD, ids)
+            embeds = forward.embed(key_ids)
+            if vector is not None:
+                rows = torch.arange(len(slots), device=self.device)
+                part = vector[0, start : start + widths[key]].to(embeds)
+                embeds = embeds.index_put((rows, torch.tensor(slots, device=self.device)),
+                                          part.expand(len(slots), -1))
+            start += widths[key]
+            hidden.append(forward(embeds, self.clip_layer, final_norm=False))
+            if key == "g":
+                pooled = forward.pooled(embeds, eos, self.projection)
+        context = torch.cat(hidden, -1)
+        self._y = (context, pooled)
+        return context
+
+    def superclass(self, word):
+        """As the SD1.x host: the trigger starts from the mean of the word's token embeddings, in each encoder."""
+        pieces = torch.tensor([p for w in word.split() for p in self.word_ids(w)], device=self.device)
+        embedding = torch.cat([f.token_table[pieces].mean(0, keepdim=True) for f in self.forwards.values()], -1)
+        ids, _ = self.token_ids(f"a photo of a {word}")
+        last = ids.index(self.end) - 1
+        with torch.no_grad():
+            context = self.encode_ids(torch.tensor([ids]))
+        return embedding, context[0, last]
+
+    def encode(self, prompts, trigger, vector):
+        context, encodings = super().encode(prompts, trigger, vector)
+        self._y = (context, self._y[1])  # the UNet-dtype context the trainer will pass back
+        return context, encodings
+
+    def predict_noise(self, noisy, timesteps, context):
+        if self._y is None or self._y[0] is not context:
+            raise RuntimeError("SDXL training host: predict_noise needs the context of the last encode (its y)")
+        height, width = (8 * s for s in noisy.shape[-2:])
+        y = self.model.model.encode_adm(pooled_output=self._y[1].to(self.device), width=width, height=height)
+        with _autocast(self.device):
+            out = self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device).float(),
+                            context=context.to(self.dtype), y=y.to(self.dtype), transformer_options={})
+        return out.float()
