@@ -30,7 +30,7 @@ from .loss_chart import live_preview, loss_chart
 from .previews import (DEFAULT_PROMPTS, MAX_PROMPTS, PLACEHOLDER, Previews, data_urls, parse_prompts, png_bytes,
                        side_by_side)
 from .tokenizer import check_trigger
-from .training_host import ComfyTrainingHost
+from .training_host import ComfyTrainingHost, training_host
 
 log = logging.getLogger("perfusion")
 CHECKPOINT = "-checkpoint"  # <save_name>-checkpoint.safetensors holds the last good state while training runs
@@ -280,10 +280,11 @@ class PerfusionTrainConcept:
         latents, weights, used = prepare_data(vae, model, images, masks, resolution, flip, seed)
         log.info("[perfusion] %s", used)
         with torch.inference_mode(False):
-            host = ComfyTrainingHost(model, clip, layer, gradient_checkpointing)
+            host = training_host(model, clip, layer, gradient_checkpointing)
             inverse = inverse_covariance(host, captions).to(host.device)
             photos = sum(batch.shape[0] for batch in images)
             fields = {"encoder_fingerprint": host.encoder_fingerprint(), "clip_layer": layer,
+                      "text_encoder": host.TEXT_ENCODER, "model_family": host.MODEL_FAMILY,
                       "info": {"steps": str(steps), "images": str(photos), "resolution": str(resolution)}}
             trainer = Trainer(host, trigger, superclass.strip(), inverse, settings, fields)
             if source is not None:
@@ -296,6 +297,10 @@ class PerfusionTrainConcept:
                 return Sample(latents[index], None if weights is None else weights[index],
                               prompts_for(trigger, rng, n))
 
+            if prompts is not None and not host.PREVIEWS:
+                log.info("[perfusion] previews while training are SD1.x only for now: none for this %s model",
+                         host.MODEL_FAMILY)
+                prompts = None
             previews = None if prompts is None else Previews(host, vae, trigger, prompts, latents.shape[1:], seed)
             progress = TrainingProgress(trainer, unique_id, checkpoint_every, file_name, previews, preview_every)
             result = run(trainer, draw, on_step=progress)

@@ -70,8 +70,19 @@ def load_for_training(model) -> None:
     load([model], **{k: v for k, v in options.items() if k in inspect.signature(load).parameters})
 
 
+def training_host(model, clip, clip_layer: int, gradient_checkpointing: bool) -> "ComfyTrainingHost":
+    """The training host for this CLIP's family: SDXL's (CLIP-L and bigG) or SD1.x's (CLIP-L)."""
+    if hasattr(clip.cond_stage_model, "clip_g"):
+        from .training_host_sdxl import SdxlTrainingHost
+        return SdxlTrainingHost(model, clip, clip_layer, gradient_checkpointing)
+    return ComfyTrainingHost(model, clip, clip_layer, gradient_checkpointing)
+
+
 class ComfyTrainingHost:
     """TrainingHost (see ``perfusion_ops.training``) for an SD1.x ModelPatcher and CLIP, on the model's device."""
+
+    TEXT_ENCODER, MODEL_FAMILY = "clip-l", "sd15"  # what the concept file records
+    PREVIEWS = True  # the preview sampler gives the UNet a context only (SDXL's also needs y)
 
     def __init__(self, model, clip, clip_layer: int = -1, gradient_checkpointing: bool = False):
         model = non_dynamic(model)

@@ -22,6 +22,9 @@ G_PAD = 0  # ComfyUI's bigG token lists pad with 0, CLIP-L's with the end token
 class SdxlTrainingHost(ComfyTrainingHost):
     """TrainingHost for an SDXL ModelPatcher and CLIP (both ComfyUI's own classes), on the model's device."""
 
+    TEXT_ENCODER, MODEL_FAMILY = "clip-l+clip-g", "sdxl"
+    PREVIEWS = False
+
     def _text_forward(self, clip):
         encoders = clip.cond_stage_model
         self.forwards = {}

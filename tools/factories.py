@@ -27,6 +27,15 @@ _SD15_BLOCKS = [
 SD15_TEXT_WIDTH = 768
 SD15_LAYERS: dict[str, int] = {f"{block}.transformer_blocks.0.attn2": width for block, width in _SD15_BLOCKS}
 
+# SDXL's: (block path, transformer depth, inner width) of its 70 attn2 layers, whose to_k/to_v map 2048 -> width.
+_SDXL_BLOCKS = [("input_blocks.4.1", 2, 640), ("input_blocks.5.1", 2, 640), ("input_blocks.7.1", 10, 1280),
+                ("input_blocks.8.1", 10, 1280), ("middle_block.1", 10, 1280)]
+_SDXL_BLOCKS += [(f"output_blocks.{k}.1", 10, 1280) for k in range(3)]
+_SDXL_BLOCKS += [(f"output_blocks.{k}.1", 2, 640) for k in range(3, 6)]
+SDXL_TEXT_WIDTH = 2048
+SDXL_LAYERS: dict[str, int] = {f"{block}.transformer_blocks.{n}.attn2": width
+                               for block, depth, width in _SDXL_BLOCKS for n in range(depth)}
+
 
 def real_covariance() -> torch.Tensor | None:
     """The real CLIP-L text covariance from ../shared/data (float64), or None where it is absent."""

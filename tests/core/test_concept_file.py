@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tools.factories import REPO, random_concept
+from tools.factories import REPO, SDXL_LAYERS, SDXL_TEXT_WIDTH, random_concept
 from perfusion_ops import ConceptError, export_embedding, load_concept, save_concept
 from perfusion_ops.concept import TrainingState
 from perfusion_ops.concept_file import concept_to_bytes, load_training_state
@@ -384,6 +384,23 @@ def test_cli_info_and_export(tmp_path, concept):
     assert load_file(out)["emb_params"].shape == (1, 768)
     bad = run("info", str(tmp_path / "nope.safetensors"))
     assert bad.returncode == 2 and "does not exist" in bad.stdout
+
+
+def test_an_sdxl_concept_file_holds_70_layers_in_at_most_192_kb(tmp_path):
+    """SDXL (issue 14): 2048-wide i, q, e_sup and trigger vector (a CLIP-L and a bigG row), o_V for 70 layers; the
+    info command says so, and the exported embedding has SDXL's two-encoder layout."""
+    sdxl = random_concept(layers=SDXL_LAYERS, width=SDXL_TEXT_WIDTH)
+    assert len(SDXL_LAYERS) == 70 and {k: v.shape for k, v in sdxl.embedding_parts().items()} == {
+        "l": (1, 768), "g": (1, 1280)}
+    path = save_concept(sdxl, tmp_path / "sdxl.safetensors")
+    assert path.stat().st_size <= 192 * 1024, path.stat().st_size
+    loaded = load_concept(path)
+    assert loaded.text_encoder == "clip-l+clip-g" and loaded.width == 2048
+    info = subprocess.run([sys.executable, "-m", "perfusion_ops", "info", str(path)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert info.returncode == 0 and "70 cross-attention layers (widths 640, 1280)" in info.stdout, info.stdout
+    exported = load_file(export_embedding(loaded, tmp_path / "sdxl-ti.safetensors"))
+    assert torch.equal(torch.cat([exported["clip_l"], exported["clip_g"]], -1), loaded.embedding.float())
 
 
 def test_serialisation_refuses_invalid_concepts(concept):

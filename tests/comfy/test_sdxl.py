@@ -1,6 +1,7 @@
 """SDXL in a real ComfyUI, on its own SDXL classes: the text side (the core's differentiable CLIP forward gives the
 2048-wide context of CLIP-L and OpenCLIP bigG, layer -2, no final norm, and bigG's pooled output, as ComfyUI's encode
-does; trigger words in both token lists) and Apply on an SDXL UNet. The CLIP is ComfyUI's SDXL class at 3 layers
+does; trigger words in both token lists), Apply and the global key lock on an SDXL UNet, and Train → Load → Apply →
+render → Export. The CLIP is ComfyUI's SDXL class at 3 layers
 per encoder (full widths), the UNet its SDXL model at reduced width and depth (2048-wide context, the 2816-wide
 ``y``), both with random weights, built in process: no SDXL file is needed."""
 from __future__ import annotations
@@ -104,9 +105,15 @@ def test_sdxl_encodes_from_layer_minus_two_unless_set(sdxl_clip, loaded_sd15_cli
 
 
 @pytest.fixture(scope="module")
-def loaded_sd15_clip(comfy, small_checkpoint):
+def loaded_sd15(comfy, small_checkpoint):
+    """(MODEL, CLIP, VAE) of the SD1.5 smoke checkpoint; its KL-f8 VAE has the structure SDXL's has."""
     with torch.inference_mode():
-        return comfy.node("CheckpointLoaderSimple")().load_checkpoint(small_checkpoint.name)[1]
+        return comfy.node("CheckpointLoaderSimple")().load_checkpoint(small_checkpoint.name)[:3]
+
+
+@pytest.fixture(scope="module")
+def loaded_sd15_clip(loaded_sd15):
+    return loaded_sd15[1]
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +126,9 @@ def sdxl_model(comfy, sdxl_clip):
     return patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
 
-def render(comfy, model, clip, prompt):
+def render(comfy, model, clip, prompt, encoder="CLIPTextEncode"):
     with torch.inference_mode():
-        positive = comfy.node("CLIPTextEncode")().encode(clip, prompt)[0]
+        positive = comfy.node(encoder)().encode(clip, prompt)[0]
         negative = comfy.node("CLIPTextEncode")().encode(clip, "")[0]
         latent = comfy.node("EmptyLatentImage")().generate(64, 64, 1)[0]
         samples = comfy.nodes.common_ksampler(model, 7, 2, 5.0, "euler", "normal", positive, negative, latent)
@@ -144,6 +151,8 @@ def test_apply_edits_an_sdxl_unet_and_strength_zero_is_the_plain_one(comfy, sdxl
     assert not torch.equal(plain, edited)
     assert torch.equal(plain, at_zero)  # strength 0: the SDXL model as it was, bit for bit
     assert not sdxl_model.object_patches  # the host's model holds no patch of ours
+    locked = render(comfy, model, clip, prompt, encoder="PerfusionGlobalKeyLock")  # K sees 'a photo of teddy on…'
+    assert not torch.equal(locked, edited) and torch.isfinite(locked).all()
 
 
 def test_the_sdxl_training_host_encodes_as_comfyui_and_trains_both_rows(comfy, sdxl_model, sdxl_clip):
@@ -169,3 +178,30 @@ def test_the_sdxl_training_host_encodes_as_comfyui_and_trains_both_rows(comfy, s
     assert moved[0, :768].max() > 0 and moved[0, 768:].max() > 0
     after = sdxl_model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_train_save_load_apply_render_on_sdxl(comfy, sdxl_model, sdxl_clip, loaded_sd15, tmp_path):
+    """Train Concept on the SDXL model (2 steps, real photos), then Load, Apply and render with the saved file; the
+    file says what it is for and Export writes SDXL's embedding layout."""
+    import numpy as np
+    import skimage.data
+    from safetensors.torch import load_file
+
+    photos = torch.from_numpy(skimage.data.chelsea().astype(np.float32) / 255)[None]
+    with comfy.capture_logs() as logs, torch.inference_mode():  # as ComfyUI's executor runs a node
+        concept, _ = comfy.node("PerfusionTrainConcept")().run(
+            [photos], None, sdxl_model, sdxl_clip, loaded_sd15[2], "hugsy", "cat", steps=2, batch_size=1,
+            grad_accum=1, lr_values=0.03, lr_embedding=0.006, train_beta=0.75, train_tau=0.1, flip=True,
+            resolution=64, seed=0, save_name="sdxl-hugsy", checkpoint_every=0, covariance_captions=16,
+            preview_every=5)["result"]
+    assert any("previews while training are SD1.x only for now" in line for line in logs)
+    loaded = comfy.node("PerfusionLoadConcept")().load("sdxl-hugsy.safetensors")[0]
+    assert (loaded.model_family, loaded.text_encoder, loaded.width, loaded.clip_layer) == ("sdxl", "clip-l+clip-g",
+                                                                                        2048, -2)
+    assert len(loaded.layers) == 7 and torch.allclose(loaded.embedding.float(), concept.embedding.float(), atol=1e-3)
+    model, clip = comfy.node("PerfusionApply")().apply(sdxl_model, sdxl_clip, loaded, 0.7, 0.15, "local")
+    assert not torch.equal(render(comfy, sdxl_model, clip, "a photo of hugsy"),
+                           render(comfy, model, clip, "a photo of hugsy"))
+    comfy.node("PerfusionExportEmbedding")().export(loaded, "sdxl-hugsy-ti")
+    exported = load_file(comfy.layout.folder("embeddings") / "sdxl-hugsy-ti.safetensors")
+    assert {k: tuple(v.shape) for k, v in exported.items()} == {"clip_l": (1, 768), "clip_g": (1, 1280)}
