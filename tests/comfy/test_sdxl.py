@@ -1,54 +1,24 @@
 """SDXL in a real ComfyUI, on its own SDXL classes: the text side (the core's differentiable CLIP forward gives the
 2048-wide context of CLIP-L and OpenCLIP bigG, layer -2, no final norm, and bigG's pooled output, as ComfyUI's encode
 does; trigger words in both token lists), Apply and the global key lock on an SDXL UNet, and Train → Load → Apply →
-render → Export. The CLIP is ComfyUI's SDXL class at 3 layers
-per encoder (full widths), the UNet its SDXL model at reduced width and depth (2048-wide context, the 2816-wide
-``y``), both with random weights, built in process: no SDXL file is needed."""
+render → Export. The models are ComfyUI's SDXL classes with random weights, built in process (tools/sdxl_models.py):
+the CLIP at 3 layers per encoder (full widths), the UNet at reduced width and depth (2048-wide context, 2816-wide
+``y``)."""
 from __future__ import annotations
-
-import importlib
-import inspect
 
 import pytest
 
 torch = pytest.importorskip("torch", reason="the ComfyUI host tests need torch")
 
 from perfusion_ops.clip_text import ClipTextForward  # noqa: E402
-
-SDXL_UNET = {"model_channels": 320, "use_linear_in_transformer": True, "transformer_depth": [0, 0, 2, 2, 10, 10],
-             "context_dim": 2048, "adm_in_channels": 2816, "use_temporal_attention": False}
-MICRO_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-              "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-              "model_channels": 64, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
-              "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1],
-              "use_linear_in_transformer": True,
-              "context_dim": 2048, "num_head_channels": 64, "use_temporal_attention": False,
-              "use_temporal_resblock": False}
-
-
-def random_fill(module: torch.nn.Module, seed: int = 0) -> None:
-    """ComfyUI leaves its layers uninitialised: weights N(0, 0.02), norms (by module type) 1 and 0, biases 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for owner in module.modules():
-            norm = "Norm" in type(owner).__name__
-            for name, p in owner.named_parameters(recurse=False):
-                if norm or name == "bias":
-                    p.fill_(1.0 if norm and name == "weight" else 0.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+from tools import sdxl_models  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def sdxl_clip(comfy):
-    sd, supported = (importlib.import_module(f"comfy.{name}") for name in ("sd", "supported_models"))
-    if "model_options" not in inspect.signature(sd.CLIP).parameters:
+    if not sdxl_models.can_shorten_text_encoders():
         pytest.skip(f"{comfy.label}: its CLIP takes no model_options, so no reduced SDXL text encoder can be built")
-    small = {"num_hidden_layers": 3}
-    options = {"dtype": torch.float32, "clip_l_model_config": small, "clip_g_model_config": small}
-    clip = sd.CLIP(supported.SDXL(SDXL_UNET).clip_target(), model_options=options)
-    random_fill(clip.cond_stage_model)
-    return clip
+    return sdxl_models.sdxl_clip()
 
 
 def test_the_core_forward_is_comfyuis_sdxl_encode(sdxl_clip):
@@ -118,12 +88,7 @@ def loaded_sd15_clip(loaded_sd15):
 
 @pytest.fixture(scope="module")
 def sdxl_model(comfy, sdxl_clip):
-    supported, patcher = (importlib.import_module(f"comfy.{name}") for name in ("supported_models", "model_patcher"))
-    config = supported.SDXL(MICRO_UNET)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device=torch.device("cpu"))
-    random_fill(model.diffusion_model, seed=1)
-    return patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    return sdxl_models.sdxl_model()
 
 
 def render(comfy, model, clip, prompt, encoder="CLIPTextEncode"):
