@@ -32,6 +32,9 @@ from tools.factories import random_concept
 def models(host, family: str):
     """(MODEL, CLIP, concept maker) of ``family``: the SD1.5 smoke checkpoint through ComfyUI's loader, or SDXL."""
     if family == "sdxl":
+        if not sdxl_models.can_shorten_text_encoders():
+            raise SystemExit(f"{host.label}: its CLIP cannot be built with short text encoders; run with "
+                             "COMFYUI_PATH=.cache/comfyui-0.33.0/ComfyUI .cache/comfyui-0.33.0/venv/bin/python")
         model, clip = sdxl_models.sdxl_model(sdxl_models.FULL_UNET), sdxl_models.sdxl_clip()
         layers = cross_attention_layers(model.model.diffusion_model)
 
