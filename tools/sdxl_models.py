@@ -52,11 +52,14 @@ def can_shorten_text_encoders() -> bool:
     return "model_options" in inspect.signature(importlib.import_module("comfy.sd").CLIP).parameters
 
 
-def sdxl_clip(text_layers: int = 3, seed: int = 0):
-    """ComfyUI's SDXL CLIP (CLIP-L and OpenCLIP bigG at full widths, ``text_layers`` layers each), float32."""
+def sdxl_clip(text_layers: int | None = 3, seed: int = 0):
+    """ComfyUI's SDXL CLIP (CLIP-L and OpenCLIP bigG at full widths, ``text_layers`` layers each; None: their full
+    12 and 32, 818 M parameters), float32."""
     sd, supported = (importlib.import_module(f"comfy.{name}") for name in ("sd", "supported_models"))
-    small = {"num_hidden_layers": text_layers}
-    options = {"dtype": torch.float32, "clip_l_model_config": small, "clip_g_model_config": small}
+    options = {"dtype": torch.float32}
+    if text_layers is not None:
+        small = {"num_hidden_layers": text_layers}
+        options |= {"clip_l_model_config": small, "clip_g_model_config": small}
     clip = sd.CLIP(supported.SDXL(FULL_UNET).clip_target(), model_options=options)
     random_fill(clip.cond_stage_model, seed)
     return clip

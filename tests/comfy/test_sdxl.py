@@ -21,7 +21,15 @@ def sdxl_clip(comfy):
     return sdxl_models.sdxl_clip()
 
 
-def test_the_core_forward_is_comfyuis_sdxl_encode(sdxl_clip):
+@pytest.fixture(scope="module")
+def full_sdxl_clip(sdxl_clip):
+    """The two text encoders at full size (12 and 32 layers), as SDXL checkpoints hold them."""
+    return sdxl_models.sdxl_clip(text_layers=None)
+
+
+@pytest.mark.parametrize("which", ["3 layers", "full size"])
+def test_the_core_forward_is_comfyuis_sdxl_encode(request, which):
+    sdxl_clip = request.getfixturevalue("sdxl_clip" if which == "3 layers" else "full_sdxl_clip")
     encoders = sdxl_clip.cond_stage_model
     for prompt in ("a photo of a cat on a sofa", "two red apples"):
         tokens = sdxl_clip.tokenize(prompt)
@@ -118,6 +126,12 @@ def test_apply_edits_an_sdxl_unet_and_strength_zero_is_the_plain_one(comfy, sdxl
     assert not sdxl_model.object_patches  # the host's model holds no patch of ours
     locked = render(comfy, model, clip, prompt, encoder="PerfusionGlobalKeyLock")  # K sees 'a photo of teddy on…'
     assert not torch.equal(locked, edited) and torch.isfinite(locked).all()
+    other = random_concept(seed=5, width=2048, layers=layers, trigger="zorbo", superclass="teapot")
+    other.clip_layer = -2
+    both, both_clip = apply(model, clip, other, 0.7, 0.15, "local")  # two concepts: one joint edit (Eq. 4)
+    assert [e.concept.trigger for e in comfy.adapter.patching.applied_concepts(both)] == ["hugsy", "zorbo"]
+    two = render(comfy, both, both_clip, "a photo of hugsy and zorbo on a table")
+    assert not torch.equal(two, render(comfy, model, both_clip, "a photo of hugsy and zorbo on a table"))
 
 
 def test_the_sdxl_training_host_encodes_as_comfyui_and_trains_both_rows(comfy, sdxl_model, sdxl_clip):
