@@ -1,5 +1,6 @@
-"""Shared set-up of the training benchmarks: the real ComfyUI host with a random-weight full SD1.5 checkpoint,
-a Perfusion trainer on it, and a baseline step with the same trainable parameter count."""
+"""Shared set-up of the training benchmarks: the real ComfyUI host with a random-weight full SD1.5 checkpoint (or
+ComfyUI's SDXL classes at full size), a Perfusion trainer on it, and a baseline step with the same trainable
+parameter count."""
 from __future__ import annotations
 
 import tempfile
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 
 import perfusion_ops.training
-from tools import comfy_host, smoke_checkpoint
+from tools import comfy_host, sdxl_models, smoke_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,6 +24,17 @@ def load_full_sd15():
     return host, model, clip
 
 
+def load_full_sdxl():
+    """(host, MODEL, CLIP) of ComfyUI's SDXL classes at full size with random weights (tools/sdxl_models.py), the
+    UNet loaded onto the host's device."""
+    host = comfy_host.start_in_process(Path(tempfile.mkdtemp(prefix="perfusion-bench-")))
+    with torch.inference_mode():
+        device = host.model_management.get_torch_device()
+        model = sdxl_models.sdxl_model(sdxl_models.FULL_UNET, load_device=device)
+        clip = sdxl_models.sdxl_clip(text_layers=None)
+    return host, model, clip
+
+
 class Steps:
     """One Perfusion optimizer step and one baseline step on identical inputs (call within inference_mode(False)).
 
@@ -31,11 +43,13 @@ class Steps:
     layer) and the same UNet forward/backward, without the gated rank-1 edit (e⊥, gates, EMA, q = C⁻¹ i)."""
 
     def __init__(self, host, model, clip, batch: int, latent: int, checkpointing: bool = False):
-        training, host_mod = perfusion_ops.training, host.adapter.training_host
+        training, adapter = perfusion_ops.training, host.adapter
         self.training = training
-        self.host = host_mod.ComfyTrainingHost(model, clip, gradient_checkpointing=checkpointing)
+        self.host = adapter.training_host.training_host(model, clip, adapter.clip_layer.clip_layer(clip),
+                                                        checkpointing)
         settings = training.TrainSettings(steps=1, batch_size=batch, grad_accum=1)
-        self.trainer = training.Trainer(self.host, "hugsy", "teddy", torch.eye(768), settings)
+        width = 2048 if self.host.MODEL_FAMILY == "sdxl" else 768
+        self.trainer = training.Trainer(self.host, "hugsy", "teddy", torch.eye(width), settings)
         g = torch.Generator().manual_seed(0)
         device = self.host.device
         self.latents = torch.randn(batch, 4, latent, latent, generator=g).to(device)

@@ -36,14 +36,15 @@ def random_fill(module: torch.nn.Module, seed: int = 0) -> None:
                     p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.02)
 
 
-def sdxl_model(unet_config: dict = MICRO_UNET, seed: int = 1):
-    """A ModelPatcher of ComfyUI's SDXL model (float32, CPU) with ``unet_config``."""
+def sdxl_model(unet_config: dict = MICRO_UNET, seed: int = 1, load_device: torch.device | None = None):
+    """A ModelPatcher of ComfyUI's SDXL model (float32) with ``unet_config``, built on the CPU and loaded onto
+    ``load_device`` (default: the CPU) when ComfyUI loads it."""
     supported, patcher = (importlib.import_module(f"comfy.{name}") for name in ("supported_models", "model_patcher"))
     config = supported.SDXL(unet_config)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     random_fill(model.diffusion_model, seed)
-    return patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    return patcher.ModelPatcher(model, load_device or torch.device("cpu"), torch.device("cpu"))
 
 
 def can_shorten_text_encoders() -> bool:
