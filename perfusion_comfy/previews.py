@@ -58,18 +58,24 @@ class Previews:
         self.host, self.vae, self.trigger, self.prompts = host, vae, trigger, prompts
         self.noise = torch.randn((len(prompts), *latent_shape), generator=torch.Generator().manual_seed(seed))
         self.uncond = host.encode_plain([""])
+        self.uncond_pooled = host.pooled_output()  # SDXL's y; None for SD1.x
         self.images: list[Image.Image] = []  # the latest renders
 
     def render(self, trainer) -> list[Image.Image]:
         """Render at ``trainer``'s current step (inside ``run``); also kept as ``images``."""
         host = self.host
 
-        def predict(noisy, timesteps, context):  # Cancel answered between sampler steps too
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            return host.predict_noise(noisy, timesteps, context)
-
         with trainer.applied():
             context, _ = host.encode(self.prompts, self.trigger, trainer.params.embedding)
+            pooled = host.pooled_output()
+            # SDXL: y for ddim_sample's batch, the uncond rows first, then the prompts' (as it joins the contexts)
+            extra = {} if pooled is None else {
+                "pooled": torch.cat([self.uncond_pooled.expand(len(pooled), -1).to(pooled), pooled])}
+
+            def predict(noisy, timesteps, both):  # Cancel answered between sampler steps too
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                return host.predict_noise(noisy, timesteps, both, **extra)
+
             latents = ddim_sample(predict, host.alphas_cumprod, self.noise.to(host.device), context, self.uncond,
                                   SAMPLER_STEPS, GUIDANCE)
             # no_grad, not inference mode: the VAE works in place on its activations, which inference mode would make

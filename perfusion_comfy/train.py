@@ -297,10 +297,6 @@ class PerfusionTrainConcept:
                 return Sample(latents[index], None if weights is None else weights[index],
                               prompts_for(trigger, rng, n))
 
-            if prompts is not None and not host.PREVIEWS:
-                log.info("[perfusion] previews while training are SD1.x only for now: none for this %s model",
-                         host.MODEL_FAMILY)
-                prompts = None
             previews = None if prompts is None else Previews(host, vae, trigger, prompts, latents.shape[1:], seed)
             progress = TrainingProgress(trainer, unique_id, checkpoint_every, file_name, previews, preview_every)
             result = run(trainer, draw, on_step=progress)

@@ -82,7 +82,6 @@ class ComfyTrainingHost:
     """TrainingHost (see ``perfusion_ops.training``) for an SD1.x ModelPatcher and CLIP, on the model's device."""
 
     TEXT_ENCODER, MODEL_FAMILY = "clip-l", "sd15"  # what the concept file records
-    PREVIEWS = True  # the preview sampler gives the UNet a context only (SDXL's also needs y)
 
     def __init__(self, model, clip, clip_layer: int = -1, gradient_checkpointing: bool = False):
         model = non_dynamic(model)
@@ -149,6 +148,10 @@ class ComfyTrainingHost:
         context = self.encode_ids(torch.tensor([ids for ids, _ in pairs]), vector, slots)
         # in the UNet's dtype already, so the edit's per-context cache hits inside the UNet
         return context.to(self.dtype), context[torch.arange(len(prompts)), torch.tensor(slots)]
+
+    def pooled_output(self):
+        """The pooled text output of the last encode, for UNets that take one (SDXL's ``y``); SD1.x's takes none."""
+        return None
 
     def encode_plain(self, prompts: list[str]) -> torch.Tensor:
         """Encodings of plain prompts, no gradient (covariance estimation)."""

@@ -3,7 +3,8 @@
 SDXL's context is CLIP-L's and OpenCLIP bigG's hidden states side by side (2048 wide, layer -2 unless CLIP Set Last
 Layer says otherwise, no final norm); the UNet also takes ``y``, bigG's pooled output with the image size
 (``encode_adm``). The trigger's learned vector is a CLIP-L row and a bigG row (``Concept.embedding_parts``): each
-goes into its own encoder, and the bigG row reaches the UNet through ``y`` too, so both rows learn.
+goes into its own encoder, and the bigG row reaches the UNet through ``y`` too, so both rows learn. Previews pass
+the pooled outputs of their prompts to :meth:`SdxlTrainingHost.predict_noise` themselves (``pooled_output``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ class SdxlTrainingHost(ComfyTrainingHost):
     """TrainingHost for an SDXL ModelPatcher and CLIP (both ComfyUI's own classes), on the model's device."""
 
     TEXT_ENCODER, MODEL_FAMILY = "clip-l+clip-g", "sdxl"
-    PREVIEWS = False
 
     def _text_forward(self, clip):
         encoders = clip.cond_stage_model
@@ -36,7 +36,7 @@ class SdxlTrainingHost(ComfyTrainingHost):
                 self.forwards[key] = ClipTextForward(weights, activation)
             self.projection = model.text_projection.weight.detach().to(self.device, torch.float32).clone()
         self.text = self.forwards["l"]  # the SD1.x host's token table and tokenizer are CLIP-L's; the ids are shared
-        self._y = None  # (context, y) of the last encode: predict_noise takes the UNet's y from it
+        self._y = None  # (context, pooled) of the last encode: predict_noise takes the UNet's y from it
 
     def encoder_fingerprint(self) -> str:
         parts = [f.w[n] for f in self.forwards.values()
@@ -79,11 +79,19 @@ class SdxlTrainingHost(ComfyTrainingHost):
         self._y = (context, self._y[1])  # the UNet-dtype context the trainer will pass back
         return context, encodings
 
-    def predict_noise(self, noisy, timesteps, context):
-        if self._y is None or self._y[0] is not context:
-            raise RuntimeError("SDXL training host: predict_noise needs the context of the last encode (its y)")
+    def pooled_output(self):
+        """bigG's pooled output of the last encode, ``(B, 1280)``: what the UNet's ``y`` is made from."""
+        return self._y[1]
+
+    def predict_noise(self, noisy, timesteps, context, pooled=None):
+        """As the SD1.x host's, with ``y`` from ``pooled`` (rows matching ``context``'s), by default the pooled
+        output of the encode that returned ``context``."""
+        if pooled is None:
+            if self._y is None or self._y[0] is not context:
+                raise RuntimeError("SDXL training host: predict_noise needs the pooled output of this context")
+            pooled = self._y[1]
         height, width = (8 * s for s in noisy.shape[-2:])
-        y = self.model.model.encode_adm(pooled_output=self._y[1].to(self.device), width=width, height=height)
+        y = self.model.model.encode_adm(pooled_output=pooled.to(self.device), width=width, height=height)
         with _autocast(self.device):
             out = self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device).float(),
                             context=context.to(self.dtype), y=y.to(self.dtype), transformer_options={})
