@@ -72,10 +72,15 @@ def load_for_training(model) -> None:
 
 def training_host(model, clip, clip_layer: int, gradient_checkpointing: bool) -> "ComfyTrainingHost":
     """The training host for this CLIP's family: SDXL's (CLIP-L and bigG) or SD1.x's (CLIP-L)."""
-    if hasattr(clip.cond_stage_model, "clip_g"):
+    encoders = {name for name in ("clip_l", "clip_g") if hasattr(clip.cond_stage_model, name)}
+    if encoders == {"clip_l", "clip_g"}:
         from .training_host_sdxl import SdxlTrainingHost
         return SdxlTrainingHost(model, clip, clip_layer, gradient_checkpointing)
-    return ComfyTrainingHost(model, clip, clip_layer, gradient_checkpointing)
+    if encoders == {"clip_l"}:
+        return ComfyTrainingHost(model, clip, clip_layer, gradient_checkpointing)
+    kind = type(clip.cond_stage_model).__name__
+    raise ValueError(f"Perfusion trains on SD1.x and SDXL checkpoints; this CLIP ({kind}) is neither (the SDXL "
+                     "refiner and SD3 are not supported)")
 
 
 class ComfyTrainingHost:

@@ -39,14 +39,19 @@ class SdxlTrainingHost(ComfyTrainingHost):
         self._y = None  # (context, pooled) of the last encode: predict_noise takes the UNet's y from it
 
     def encoder_fingerprint(self) -> str:
-        parts = [f.w[n] for f in self.forwards.values()
-                 for n in ("embeddings.token_embedding.weight", "final_layer_norm.weight")]
-        return fingerprint([parts[0][:4096], parts[1], parts[2][:4096], parts[3], self.projection])
+        """As the SD1.x host's, over both encoders (a CLIP LoRA changes the attention weights, hence the q_proj)."""
+        names = ("embeddings.token_embedding.weight", "final_layer_norm.weight",
+                 "encoder.layers.0.self_attn.q_proj.weight")
+        parts = [f.w[n][:4096] for f in self.forwards.values() for n in names]
+        return fingerprint(parts + [self.projection])
 
     def encode_ids(self, ids: torch.Tensor, vector: torch.Tensor | None = None, slots=None) -> torch.Tensor:
         ids = ids.to(self.device)
         widths = dict(ENCODER_PARTS[WIDTH])
-        hidden, start, eos = [], 0, (ids == self.end).int().argmax(1)
+        is_end = ids == self.end
+        if slots is not None:  # the trigger's placeholder row is an end-token id too
+            is_end[torch.arange(len(slots), device=self.device), torch.tensor(slots, device=self.device)] = False
+        hidden, start, eos = [], 0, is_end.int().argmax(1)
         for key, forward in self.forwards.items():
             key_ids = ids if key == "l" else torch.where(torch.arange(ids.shape[1], device=ids.device) > eos[:, None],
                                                          G_PAD, ids)
@@ -57,9 +62,11 @@ class SdxlTrainingHost(ComfyTrainingHost):
                 embeds = embeds.index_put((rows, torch.tensor(slots, device=self.device)),
                                           part.expand(len(slots), -1))
             start += widths[key]
-            hidden.append(forward(embeds, self.clip_layer, final_norm=False))
             if key == "g":
-                pooled = forward.pooled(embeds, eos, self.projection)
+                states, pooled = forward.hidden_and_pooled(embeds, self.clip_layer, False, eos, self.projection)
+            else:
+                states = forward(embeds, self.clip_layer, final_norm=False)
+            hidden.append(states)
         context = torch.cat(hidden, -1)
         self._y = (context, pooled)
         return context
@@ -91,7 +98,9 @@ class SdxlTrainingHost(ComfyTrainingHost):
                 raise RuntimeError("SDXL training host: predict_noise needs the pooled output of this context")
             pooled = self._y[1]
         height, width = (8 * s for s in noisy.shape[-2:])
+        # encode_adm builds the size embeddings on the CPU; ComfyUI's apply_model moves y, this direct call must
         y = self.model.model.encode_adm(pooled_output=pooled.to(self.device), width=width, height=height)
+        y = y.to(self.device)
         with _autocast(self.device):
             out = self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device).float(),
                             context=context.to(self.dtype), y=y.to(self.dtype), transformer_options={})

@@ -42,15 +42,26 @@ class ClipTextForward:
 
     def pooled(self, embeds: Tensor, eos: Tensor, projection: Tensor) -> Tensor:
         """The text embedding CLIP's contrastive head sees (SDXL's ``y`` takes bigG's): the last layer, final
-        LayerNorm, at each row's first end token ``eos`` ``(B,)``, times ``projection`` ``(P, T)``."""
-        x = self._norm(self._layers(embeds, self.depth - 1), "final_layer_norm")
-        return x[torch.arange(len(x), device=x.device), eos] @ projection.T.to(x)
+        LayerNorm, at each row's end token ``eos`` ``(B,)``, times ``projection`` ``(P, T)``."""
+        return self.hidden_and_pooled(embeds, -1, False, eos, projection)[1]
 
-    def _layers(self, embeds: Tensor, stop: int) -> Tensor:
-        length = embeds.shape[1]
-        x = embeds + self.w["embeddings.position_embedding.weight"][:length]
+    def hidden_and_pooled(self, embeds: Tensor, layer: int, final_norm: bool, eos: Tensor,
+                          projection: Tensor) -> tuple[Tensor, Tensor]:
+        """``(self(embeds, layer, final_norm), self.pooled(embeds, eos, projection))`` in one pass over the layers."""
+        stop = self.depth + layer if layer < 0 else layer
+        x = self._layers(embeds, stop)
+        hidden = self._norm(x, "final_layer_norm") if final_norm else x
+        x = self._norm(self._layers(x, self.depth - 1, start=stop + 1), "final_layer_norm")
+        return hidden, x[torch.arange(len(x), device=x.device), eos] @ projection.T.to(x)
+
+    def _layers(self, x: Tensor, stop: int, start: int = 0) -> Tensor:
+        """Blocks ``start`` to ``stop`` on ``x``: token embeddings when ``start`` is 0, else block ``start - 1``'s
+        output."""
+        length = x.shape[1]
+        if start == 0:
+            x = x + self.w["embeddings.position_embedding.weight"][:length]
         causal = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        for index in range(stop + 1):
+        for index in range(start, stop + 1):
             x = self._block(x, f"encoder.layers.{index}.", causal)
         return x
 

@@ -185,3 +185,26 @@ def test_train_save_load_apply_render_on_sdxl(comfy, sdxl_model, sdxl_clip, load
     comfy.node("PerfusionExportEmbedding")().export(loaded, "sdxl-hugsy-ti")
     exported = load_file(comfy.layout.folder("embeddings") / "sdxl-hugsy-ti.safetensors")
     assert {k: tuple(v.shape) for k, v in exported.items()} == {"clip_l": (1, 768), "clip_g": (1, 1280)}
+
+
+def test_training_encodes_a_trigger_prompt_as_comfyui_encodes_it_after_apply(sdxl_model, sdxl_clip):
+    """The training host's encoding of a prompt with the learned vector is what Apply's CLIP gives for it: context
+    (both encoders) and pooled output. The trigger's placeholder is an end-token id, which must not be taken for the
+    prompt's end (bigG's padding and the pooled output start there)."""
+    from perfusion_comfy.tokenizer import with_concepts
+    from perfusion_comfy.training_host_sdxl import SdxlTrainingHost
+    from tools.factories import random_concept
+
+    concept = random_concept(width=2048, layers={"input_blocks.1.1.transformer_blocks.0.attn2": 64})
+    concept.embedding = torch.randn(1, 2048, generator=torch.Generator().manual_seed(3)) * 0.02
+    tokenizer = with_concepts(sdxl_clip.tokenizer, {"hugsy": concept})
+    with torch.inference_mode(False):
+        host = SdxlTrainingHost(sdxl_model, sdxl_clip, clip_layer=-2)
+    for prompt in ("a photo of a hugsy", "A hugsy shown in a photo"):
+        with torch.no_grad():
+            context, _ = host.encode([prompt], "hugsy", concept.embedding)
+            pooled = host.pooled_output()
+        with torch.inference_mode():
+            want, want_pooled = sdxl_clip.encode_from_tokens(tokenizer.tokenize_with_weights(prompt), return_pooled=True)
+        assert torch.allclose(context.float(), want, atol=2e-5), (prompt, (context.float() - want).abs().max())
+        assert torch.allclose(pooled, want_pooled, atol=2e-5), (prompt, (pooled - want_pooled).abs().max())
