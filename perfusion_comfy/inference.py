@@ -90,14 +90,16 @@ class PerfusionApply:
         }}
 
     def apply(self, model, clip, concept, beta, tau, lock, strength=1.0, start_at=0.0, end_at=1.0, gate=OWN_GATE):
-        concept.check_clip_layer(clip_layer(clip),
-                                 f"set CLIP Set Last Layer to {concept.clip_layer} before Perfusion Apply")
         if gate not in GATES:
             raise ValueError(f"unknown gate '{gate}': choose one of {', '.join(GATES)}")
         if GATES[gate] is not None:
             beta, tau = concept.recommended(GATES[gate])
-            log.info("[perfusion] '%s': β %.2f, τ %.3f (%s)", concept.trigger, beta, tau, gate)
+        # the model family first (width, layers): a concept of another family must not be told to change the layer
         patched = apply_concept(model, AppliedConcept(concept, beta, tau, lock, strength, start_at, end_at))
+        concept.check_clip_layer(clip_layer(clip),
+                                 f"set CLIP Set Last Layer to {concept.clip_layer} before Perfusion Apply")
+        if GATES[gate] is not None:
+            log.info("[perfusion] '%s': β %.2f, τ %.3f (%s)", concept.trigger, beta, tau, gate)
         trigger = check_trigger(concept.trigger)
         clip = clip.clone()
         clip.tokenizer = with_concepts(clip.tokenizer, {trigger: concept})

@@ -205,6 +205,28 @@ def test_training_encodes_a_trigger_prompt_as_comfyui_encodes_it_after_apply(sdx
             context, _ = host.encode([prompt], "hugsy", concept.embedding)
             pooled = host.pooled_output()
         with torch.inference_mode():
-            want, want_pooled = sdxl_clip.encode_from_tokens(tokenizer.tokenize_with_weights(prompt), return_pooled=True)
+            tokens = tokenizer.tokenize_with_weights(prompt)
+            want, want_pooled = sdxl_clip.encode_from_tokens(tokens, return_pooled=True)
         assert torch.allclose(context.float(), want, atol=2e-5), (prompt, (context.float() - want).abs().max())
         assert torch.allclose(pooled, want_pooled, atol=2e-5), (prompt, (pooled - want_pooled).abs().max())
+
+
+def test_a_concept_of_the_other_family_is_refused_for_its_family_and_sdxl_layers_below_12_are_refused(
+        comfy, sdxl_model, sdxl_clip, loaded_sd15):
+    from perfusion_comfy.clip_layer import clip_layer
+    from tools.factories import random_concept
+    from tools.smoke_checkpoint import attn2_layers
+
+    apply = comfy.node("PerfusionApply")().apply
+    sd15 = random_concept(layers=attn2_layers("small"))
+    with pytest.raises(Exception, match=r"made for SD1.x \(CLIP-L\) text encodings, but this model's text encoder "
+                                        r"gives SDXL \(CLIP-L \+ OpenCLIP bigG\)"):
+        apply(sdxl_model, sdxl_clip, sd15, 0.7, 0.15, "local")
+    sdxl = random_concept(width=2048, layers={"input_blocks.1.1.transformer_blocks.0.attn2": 64})
+    sdxl.clip_layer = -2
+    with pytest.raises(Exception, match=r"made for SDXL .* but this model's text encoder gives SD1.x"):
+        apply(loaded_sd15[0], loaded_sd15[1], sdxl, 0.7, 0.15, "local")
+    deep = sdxl_clip.clone()
+    deep.clip_layer(-13)
+    with pytest.raises(ValueError, match="CLIP Set Last Layer -13 on SDXL: ComfyUI then keeps CLIP-L"):
+        clip_layer(deep)
