@@ -7,11 +7,19 @@ Appended, not prepended: the pack must never shadow a module of ComfyUI or of an
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(os.path.realpath(__file__))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
+import perfusion_comfy  # noqa: E402
 from perfusion_comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+_LOADED = os.path.dirname(os.path.dirname(os.path.realpath(perfusion_comfy.__file__)))
+if _LOADED != _ROOT:  # another copy of the pack loaded first: its Python would serve this copy's front end
+    import logging
+    logging.getLogger("perfusion").warning(
+        "[perfusion] %s uses the Perfusion code of %s: two copies of the pack are installed; remove one",
+        _ROOT, _LOADED)
 
 WEB_DIRECTORY = "./js"
 

@@ -106,6 +106,9 @@ class Concept:
             raise ConceptError(f"the trigger has {self.embedding.shape[0]} embedding vectors: a concept holds 1 to "
                                f"{MAX_VECTORS}")
         _check_tensor(self.embedding, "embedding", tuple(self.embedding.shape))
+        if self.text_encoder in TEXT_ENCODERS and self.embedding.shape[-1] != width:
+            raise ConceptError(f"the trigger embedding is {self.embedding.shape[-1]} wide, but {self.text_encoder} "
+                               f"takes {width}-wide token vectors")
         if not 1 <= len(self.value_outputs) <= MAX_LAYERS:
             raise ConceptError(f"the concept has value outputs (o_V) for {len(self.value_outputs)} layers: a concept "
                                f"edits 1 to {MAX_LAYERS}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from perfusion_ops.concept import Concept, ConceptError
+from perfusion_ops.concept import FAMILY_OF_WIDTH, Concept, ConceptError
 from perfusion_ops.edit import AppliedConcept, JointEdit
 from perfusion_ops.words import replace_words, whole_words
 from .prompt_tags import PerfusionTag, check_unique, format_infotext
@@ -61,7 +61,11 @@ def activate(tags: list[PerfusionTag], library: ConceptLibrary, layer_widths: di
     for tag in tags:
         path = library.resolve(tag.name)
         name = next((n for n, p in library.files().items() if p == path), tag.name)
-        concept = library.load(path, expected_width=text_width)
+        concept = library.load(path)
+        if concept.text_encoder != "clip-l":  # an SDXL checkpoint passes the width and layer checks, not the TI path
+            raise ConceptError(f"'{name}' is a concept for {FAMILY_OF_WIDTH.get(concept.width, concept.text_encoder)}:"
+                               " the webui extension takes SD1.x concepts only (use it in ComfyUI)")
+        concept.check_width(text_width)
         concept.check_layers(layer_widths)
         if clip_layer is not None:
             concept.check_clip_layer(clip_layer, f"set 'Clip skip' to {-concept.clip_layer} (file '{name}')")

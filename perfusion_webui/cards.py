@@ -53,9 +53,12 @@ def description(concept: Concept | None, size: int, error: str | None = None) ->
     if concept is None:
         return f"cannot be used: {error or 'unreadable file'}"
     beta, tau = concept.recommended(LOCAL)
-    clip_skip = "" if concept.clip_layer == -1 else f"; needs Clip skip {-concept.clip_layer}"
+    if concept.text_encoder != "clip-l":  # activation refuses it (the webui's TI path is SD1.x's)
+        note = "; for ComfyUI only"
+    else:
+        note = "" if concept.clip_layer == -1 else f"; needs Clip skip {-concept.clip_layer}"
     return (f"trigger '{concept.trigger}', a {concept.superclass}; recommended β {beta:.2f}, τ {tau:.2f} "
-            f"(local lock); {concept.model_family}, {_size(size)}{clip_skip}")
+            f"(local lock); {concept.model_family}, {_size(size)}{note}")
 
 
 def details(concept: Concept) -> dict[str, str]:

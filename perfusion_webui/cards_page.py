@@ -7,6 +7,7 @@ preview extension) beside the concept file; the editor's "Replace preview" write
 """
 from __future__ import annotations
 
+import html
 import os
 
 import gradio as gr
@@ -32,23 +33,35 @@ class ConceptCards(ui_extra_networks.ExtraNetworksPage):
         return [str(folder) for folder in self.folders()]
 
     def create_item(self, name, index=None, enable_filter=True):
-        library = self.library()
-        path = library.files().get(name)
+        path = self.library().files().get(name)
         if path is None:
             return None
+        try:
+            return self._item(name, path, index)
+        except Exception as err:  # noqa: BLE001 (A1111 builds every tab in one go: one odd file must not stop them)
+            return {"name": name, "filename": str(path), "preview": None, "search_terms": [], "metadata": {},
+                    "description": self._shown(f"cannot be used: {err}"), "sort_keys": {"default": index},
+                    "user_metadata": {}, "prompt": ui_extra_networks.quote_js(f"<perfusion:{name}>")}
+
+    def _item(self, name, path, index):
+        library = self.library()
         try:
             concept, error = library.load(path), None
         except (ConceptError, OSError) as err:  # the card says why (the webui lists the pages at every refresh)
             concept, error = None, str(err)
         stem = os.path.splitext(str(path))[0]
         short_hash = library.short_hash(path)
+        generated = cards.description(concept, path.stat().st_size, error)
+        description = self.find_description(stem) or self._shown(generated)
         item = {
             "name": name,
             "filename": str(path),
             "shorthash": short_hash,
             "preview": self.find_preview(stem),
-            "description": self.find_description(stem) or cards.description(concept, path.stat().st_size, error),
-            "search_terms": [self.search_terms_from_path(str(path))] + cards.search_terms(concept, short_hash),
+            "description": description,
+            # A1111 writes search terms into the page as they are: a file's words must not become markup
+            "search_terms": [self.search_terms_from_path(str(path))]
+            + [html.escape(term) for term in cards.search_terms(concept, short_hash)],
             "local_preview": f"{stem}.{shared.opts.samples_format}",
             "metadata": cards.details(concept) if concept else {},
             "sort_keys": {"default": index, **self.get_sort_keys(str(path))},
@@ -57,6 +70,11 @@ class ConceptCards(ui_extra_networks.ExtraNetworksPage):
         trigger = concept.trigger if concept else ""
         item["prompt"] = ui_extra_networks.quote_js(cards.inserted_text(name, trigger, item["user_metadata"]))
         return item
+
+    @staticmethod
+    def _shown(text: str) -> str:
+        """Our plain-text description as the card will show it: escaped where the webui is set to show HTML."""
+        return html.escape(text) if getattr(shared.opts, "extra_networks_card_description_is_html", False) else text
 
     def list_items(self):
         for index, name in enumerate(list(self.library().files())):

@@ -403,6 +403,17 @@ def test_an_sdxl_concept_file_holds_70_layers_in_at_most_192_kb(tmp_path):
     assert torch.equal(torch.cat([exported["clip_l"], exported["clip_g"]], -1), loaded.embedding.float())
 
 
+def test_a_trigger_embedding_of_another_width_than_its_encoder_is_refused(concept):
+    """An SDXL file whose trigger vector is CLIP-L wide would leave bigG's token list without its row."""
+    concept.text_encoder = "clip-l+clip-g"
+    with pytest.raises(ConceptError):
+        concept.validate()  # i, q, e_sup are 768 wide too: the first check already refuses
+    sdxl = random_concept(layers=SDXL_LAYERS, width=SDXL_TEXT_WIDTH)
+    sdxl.embedding = sdxl.embedding[:, :768]
+    with pytest.raises(ConceptError, match="the trigger embedding is 768 wide, but clip-l\\+clip-g takes 2048-wide"):
+        sdxl.validate()
+
+
 def test_serialisation_refuses_invalid_concepts(concept):
     concept.trigger = " "
     with pytest.raises(ConceptError, match="empty trigger"):

@@ -110,6 +110,14 @@ def test_activation_refuses_another_text_width(folders):
         activate([PerfusionTag("hugsy")], ConceptLibrary(folders), SMALL_LAYERS, 1024)
 
 
+def test_an_sdxl_concept_is_refused_even_where_the_webuis_model_is_sdxl(tmp_path):
+    """The width and layer checks pass on an SDXL checkpoint; the webui's textual-inversion path is SD1.x's."""
+    from tools.factories import random_concept
+    save_concept(random_concept(width=2048, layers=SMALL_LAYERS), tmp_path / "xl.safetensors")
+    with pytest.raises(ConceptError, match=r"'xl' is a concept for SDXL .*SD1.x concepts only \(use it in ComfyUI\)"):
+        activate([PerfusionTag("xl")], ConceptLibrary([tmp_path]), SMALL_LAYERS, 2048)
+
+
 def test_gate_monitor(folders):
     lib = ConceptLibrary(folders)
     act = activate([PerfusionTag("hugsy")], lib, SMALL_LAYERS, TEXT)

@@ -199,3 +199,27 @@ def test_a_concept_trained_at_another_clip_skip_says_which():
     skip2 = make_concept(3, SMALL_LAYERS, clip_layer=-2)
     assert cards.description(skip2, 1024).endswith("sd15, 1 KB; needs Clip skip 2")
     assert cards.details(skip2)["clip skip"] == "2"
+
+
+def test_odd_files_are_cards_that_say_why_and_words_from_a_file_never_become_markup(page_module, tmp_path):
+    """A1111 builds every Extra Networks tab in one go: a file whose name no tag can hold, or a link to nothing, must
+    give a card, not an exception; a concept's words go into search terms, which A1111 writes unescaped."""
+    root = tmp_path / "perfusion"
+    root.mkdir()
+    save_concept(make_concept(1, SMALL_LAYERS, "hugsy", "teddy"), root / "hugsy v2=final.safetensors")
+    (root / "dangling.safetensors").symlink_to(root / "missing.safetensors")
+    markup = make_concept(2, SMALL_LAYERS, "zorbo", "<img src=x onerror=alert(1)>")
+    save_concept(markup, root / "zorbo.safetensors")
+    items = items_by_name(make_page(page_module, root))
+    assert sorted(items) == ["dangling", "hugsy v2=final", "zorbo"]
+    assert items["hugsy v2=final"]["description"].startswith("cannot be used: ")
+    assert items["dangling"]["description"].startswith("cannot be used: ")
+    assert "&lt;img src=x onerror=alert(1)&gt;" in items["zorbo"]["search_terms"]
+    assert not any("<img" in term for term in items["zorbo"]["search_terms"])
+
+
+def test_an_sdxl_concept_card_says_it_is_for_comfyui():
+    from tools.factories import random_concept
+    xl = random_concept(width=2048, layers=SMALL_LAYERS)
+    xl.clip_layer = -2
+    assert cards.description(xl, 2048).endswith("2 KB; for ComfyUI only")
