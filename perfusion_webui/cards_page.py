@@ -39,9 +39,11 @@ class ConceptCards(ui_extra_networks.ExtraNetworksPage):
         try:
             return self._item(name, path, index)
         except Exception as err:  # noqa: BLE001 (A1111 builds every tab in one go: one odd file must not stop them)
+            stem = os.path.splitext(str(path))[0]
             return {"name": name, "filename": str(path), "preview": None, "search_terms": [], "metadata": {},
                     "description": self._shown(f"cannot be used: {err}"), "sort_keys": {"default": index},
-                    "user_metadata": {}, "prompt": ui_extra_networks.quote_js(f"<perfusion:{name}>")}
+                    "local_preview": f"{stem}.{shared.opts.samples_format}", "user_metadata": {},
+                    "prompt": ui_extra_networks.quote_js(f"<perfusion:{name}>")}
 
     def _item(self, name, path, index):
         library = self.library()

@@ -212,6 +212,8 @@ def test_odd_files_are_cards_that_say_why_and_words_from_a_file_never_become_mar
     save_concept(markup, root / "zorbo.safetensors")
     items = items_by_name(make_page(page_module, root))
     assert sorted(items) == ["dangling", "hugsy v2=final", "zorbo"]
+    for item in items.values():  # what A1111 v1.10.1 reads as item[...]: one missing empties the tab
+        assert {"name", "filename", "prompt", "local_preview"} <= set(item), item
     assert items["hugsy v2=final"]["description"].startswith("cannot be used: ")
     assert items["dangling"]["description"].startswith("cannot be used: ")
     assert "&lt;img src=x onerror=alert(1)&gt;" in items["zorbo"]["search_terms"]

@@ -39,6 +39,7 @@ def files():
     save_concept(make_concept(1, SMALL_LAYERS, "hugsy", "teddy"), folder / "hugsy.safetensors")
     Image.new("RGB", (64, 96), "teal").save(folder / "hugsy.png")
     (folder / "broken.safetensors").write_bytes(b"not a concept")
+    (folder / "odd v2=final.safetensors").write_bytes((folder / "hugsy.safetensors").read_bytes())
     (folder / "hugsy.json").write_text(json.dumps({"preferred weight": 0.8, "activation text": "hugsy plush"}))
     yield folder
     for path in folder.iterdir():
@@ -53,3 +54,5 @@ def test_the_real_page_builds_cards_that_insert_the_tag_and_the_trigger(files):
     assert re.search(r"trigger 'hugsy', a teddy; recommended β 0\.70, τ 0\.15 \(local lock\)", hugsy)
     broken = html.unescape(card("perfusion-live-test/broken"))
     assert "cannot be used: 'broken.safetensors' is truncated or not a safetensors file" in broken
+    odd = html.unescape(card("perfusion-live-test/odd v2=final"))  # no tag can name it: a card, not a failed tab
+    assert "cannot be used: bad concept name 'perfusion-live-test/odd v2=final'" in odd
