@@ -52,7 +52,7 @@ class ConceptCards(ui_extra_networks.ExtraNetworksPage):
         except (ConceptError, OSError) as err:  # the card says why (the webui lists the pages at every refresh)
             concept, error = None, str(err)
         stem = os.path.splitext(str(path))[0]
-        short_hash = library.short_hash(path)
+        short_hash = library.short_hash(path) if concept is not None else ""  # not a concept: no need to read it all
         generated = cards.description(concept, path.stat().st_size, error)
         description = self.find_description(stem) or self._shown(generated)
         item = {

@@ -62,7 +62,11 @@ class ConceptLibrary:
     def short_hash(self, path: Path) -> str:
         key = self._stamp(path)
         if key not in self._hashes:
-            self._hashes[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            digest = hashlib.sha256()
+            with open(path, "rb") as file:  # in pieces: a stray checkpoint in the folder is gigabytes
+                for piece in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(piece)
+            self._hashes[key] = digest.hexdigest()[:12]
         return self._hashes[key]
 
     def find_by_hash(self, digest: str) -> str | None:

@@ -147,6 +147,7 @@ def test_a_broken_file_is_a_card_that_says_why_not_a_failed_tab(page_module, fol
     broken = items_by_name(make_page(page_module, folder))["broken"]
     assert broken["description"].startswith("cannot be used: ") and broken["metadata"] == {}
     assert "not a safetensors file" in broken["description"]
+    assert broken["shorthash"] == "" and broken["search_terms"] == ["broken.safetensors"]  # not read to hash it
     assert json.loads(broken["prompt"]) == "<perfusion:broken>"
 
 
