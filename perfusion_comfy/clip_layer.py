@@ -21,10 +21,10 @@ def clip_layer(clip) -> int:
     -1, the last; SDXL: -2 in both encoders)."""
     if getattr(clip, "layer_idx", None) is not None:
         both = [getattr(clip.cond_stage_model, name, None) for name in ("clip_l", "clip_g")]
-        if all(both) and -clip.layer_idx > getattr(both[0], "num_layers", 12):
+        depth = getattr(both[0], "num_layers", 12)
+        if all(both) and -clip.layer_idx > depth:
             raise ValueError(f"CLIP Set Last Layer {clip.layer_idx} on SDXL: ComfyUI then keeps CLIP-L at its default "
-                             f"layer while bigG takes {clip.layer_idx}; Perfusion takes -1 to "
-                             f"-{getattr(both[0], 'num_layers', 12)} on SDXL")
+                             f"layer while bigG takes {clip.layer_idx}; Perfusion takes -1 to -{depth} on SDXL")
         return clip.layer_idx
     default = getattr(_first_encoder(clip.cond_stage_model), "options_default", None)
     layer = _layer(*default[:2]) if default else None

@@ -69,12 +69,12 @@ class Previews:
             context, _ = host.encode(self.prompts, self.trigger, trainer.params.embedding)
             pooled = host.pooled_output()
             # SDXL: y for ddim_sample's batch, the uncond rows first, then the prompts' (as it joins the contexts)
-            extra = {} if pooled is None else {
-                "pooled": torch.cat([self.uncond_pooled.expand(len(pooled), -1).to(pooled), pooled])}
+            if pooled is not None:
+                pooled = torch.cat([self.uncond_pooled.expand(len(pooled), -1).to(pooled), pooled])
 
             def predict(noisy, timesteps, both):  # Cancel answered between sampler steps too
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                return host.predict_noise(noisy, timesteps, both, **extra)
+                return host.predict_noise(noisy, timesteps, both, pooled)
 
             latents = ddim_sample(predict, host.alphas_cumprod, self.noise.to(host.device), context, self.uncond,
                                   SAMPLER_STEPS, GUIDANCE)

@@ -163,11 +163,15 @@ class ComfyTrainingHost:
         with torch.no_grad():
             return self.encode_ids(torch.tensor([self.token_ids(p)[0] for p in prompts]))
 
+    def token_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """The learnable token vectors of ``ids`` ``(n, T)``: rows of the CLIP-L token table."""
+        return self.text.token_table[ids]
+
     def superclass(self, word):
         """Rule for superclass words of several tokens ('teddy bear'): the trigger starts from the mean of their
         token embeddings, and ``e_sup`` is the encoding of the last one (the causal encoder has seen them all)."""
-        pieces = [piece for w in word.split() for piece in self.word_ids(w)]
-        embedding = self.text.token_table[torch.tensor(pieces, device=self.device)].mean(0, keepdim=True)
+        pieces = torch.tensor([piece for w in word.split() for piece in self.word_ids(w)], device=self.device)
+        embedding = self.token_embedding(pieces).mean(0, keepdim=True)
         ids, _ = self.token_ids(f"a photo of a {word}")
         last = ids.index(self.end) - 1  # the superclass's last piece ends the prompt
         with torch.no_grad():
@@ -200,11 +204,18 @@ class ComfyTrainingHost:
         kinds = ("ResBlock", "CrossAttention", "FeedForward")
         return [m for m in self.unet.modules() if type(m).__name__ in kinds]
 
-    def predict_noise(self, noisy, timesteps, context):
+    def predict_noise(self, noisy, timesteps, context, pooled=None):
+        """The UNet's ε. ``pooled``: the pooled text outputs of ``context``'s rows, for a UNet that takes them (SDXL's
+        ``y``; by default those of the encode that returned ``context``); SD1.x's takes none."""
+        inputs = self.unet_inputs(noisy, context, pooled)
         with _autocast(self.device):
             out = self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device).float(),
-                            context=context.to(self.dtype), transformer_options={})
+                            context=context.to(self.dtype), transformer_options={}, **inputs)
         return out.float()
+
+    def unet_inputs(self, noisy, context, pooled) -> dict:
+        """The UNet's inputs besides the latents, the timesteps and the context: none for SD1.x."""
+        return {}
 
 
 def _checkpointed(block):

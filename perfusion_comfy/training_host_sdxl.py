@@ -4,7 +4,7 @@ SDXL's context is CLIP-L's and OpenCLIP bigG's hidden states side by side (2048 
 Layer says otherwise, no final norm); the UNet also takes ``y``, bigG's pooled output with the image size
 (``encode_adm``). The trigger's learned vector is a CLIP-L row and a bigG row (``Concept.embedding_parts``): each
 goes into its own encoder, and the bigG row reaches the UNet through ``y`` too, so both rows learn. Previews pass
-the pooled outputs of their prompts to :meth:`SdxlTrainingHost.predict_noise` themselves (``pooled_output``).
+the pooled outputs of their prompts to ``predict_noise`` themselves (``pooled_output``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from perfusion_ops.clip_text import ClipTextForward
 from perfusion_ops.concept import ENCODER_PARTS
 from perfusion_ops.covariance import fingerprint
 
-from .training_host import ComfyTrainingHost, _autocast
+from .training_host import ComfyTrainingHost
 
 WIDTH = 2048
 G_PAD = 0  # ComfyUI's bigG token lists pad with 0, CLIP-L's with the end token
@@ -50,17 +50,16 @@ class SdxlTrainingHost(ComfyTrainingHost):
         widths = dict(ENCODER_PARTS[WIDTH])
         is_end = ids == self.end
         if slots is not None:  # the trigger's placeholder row is an end-token id too
-            is_end[torch.arange(len(slots), device=self.device), torch.tensor(slots, device=self.device)] = False
+            at = (torch.arange(len(slots), device=self.device), torch.tensor(slots, device=self.device))
+            is_end[at] = False
         hidden, start, eos = [], 0, is_end.int().argmax(1)
         for key, forward in self.forwards.items():
             key_ids = ids if key == "l" else torch.where(torch.arange(ids.shape[1], device=ids.device) > eos[:, None],
                                                          G_PAD, ids)
             embeds = forward.embed(key_ids)
             if vector is not None:
-                rows = torch.arange(len(slots), device=self.device)
                 part = vector[0, start : start + widths[key]].to(embeds)
-                embeds = embeds.index_put((rows, torch.tensor(slots, device=self.device)),
-                                          part.expand(len(slots), -1))
+                embeds = embeds.index_put(at, part.expand(len(slots), -1))
             start += widths[key]
             if key == "g":
                 states, pooled = forward.hidden_and_pooled(embeds, self.clip_layer, False, eos, self.projection)
@@ -71,15 +70,9 @@ class SdxlTrainingHost(ComfyTrainingHost):
         self._y = (context, pooled)
         return context
 
-    def superclass(self, word):
-        """As the SD1.x host: the trigger starts from the mean of the word's token embeddings, in each encoder."""
-        pieces = torch.tensor([p for w in word.split() for p in self.word_ids(w)], device=self.device)
-        embedding = torch.cat([f.token_table[pieces].mean(0, keepdim=True) for f in self.forwards.values()], -1)
-        ids, _ = self.token_ids(f"a photo of a {word}")
-        last = ids.index(self.end) - 1
-        with torch.no_grad():
-            context = self.encode_ids(torch.tensor([ids]))
-        return embedding, context[0, last]
+    def token_embedding(self, ids):
+        """A CLIP-L row and a bigG row side by side for each of ``ids`` ``(n, 2048)``: both encoders learn."""
+        return torch.cat([f.token_table[ids] for f in self.forwards.values()], -1)
 
     def encode(self, prompts, trigger, vector):
         context, encodings = super().encode(prompts, trigger, vector)
@@ -90,9 +83,8 @@ class SdxlTrainingHost(ComfyTrainingHost):
         """bigG's pooled output of the last encode, ``(B, 1280)``: what the UNet's ``y`` is made from."""
         return self._y[1]
 
-    def predict_noise(self, noisy, timesteps, context, pooled=None):
-        """As the SD1.x host's, with ``y`` from ``pooled`` (rows matching ``context``'s), by default the pooled
-        output of the encode that returned ``context``."""
+    def unet_inputs(self, noisy, context, pooled) -> dict:
+        """``y``: bigG's pooled outputs (by default those of the encode that returned ``context``) and the size."""
         if pooled is None:
             if self._y is None or self._y[0] is not context:
                 raise RuntimeError("SDXL training host: predict_noise needs the pooled output of this context")
@@ -100,8 +92,4 @@ class SdxlTrainingHost(ComfyTrainingHost):
         height, width = (8 * s for s in noisy.shape[-2:])
         # encode_adm builds the size embeddings on the CPU; ComfyUI's apply_model moves y, this direct call must
         y = self.model.model.encode_adm(pooled_output=pooled.to(self.device), width=width, height=height)
-        y = y.to(self.device)
-        with _autocast(self.device):
-            out = self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device).float(),
-                            context=context.to(self.dtype), y=y.to(self.dtype), transformer_options={})
-        return out.float()
+        return {"y": y.to(self.device, self.dtype)}

@@ -40,14 +40,11 @@ class ClipTextForward:
         x = self._layers(embeds, self.depth + layer if layer < 0 else layer)
         return self._norm(x, "final_layer_norm") if final_norm else x
 
-    def pooled(self, embeds: Tensor, eos: Tensor, projection: Tensor) -> Tensor:
-        """The text embedding CLIP's contrastive head sees (SDXL's ``y`` takes bigG's): the last layer, final
-        LayerNorm, at each row's end token ``eos`` ``(B,)``, times ``projection`` ``(P, T)``."""
-        return self.hidden_and_pooled(embeds, -1, False, eos, projection)[1]
-
     def hidden_and_pooled(self, embeds: Tensor, layer: int, final_norm: bool, eos: Tensor,
                           projection: Tensor) -> tuple[Tensor, Tensor]:
-        """``(self(embeds, layer, final_norm), self.pooled(embeds, eos, projection))`` in one pass over the layers."""
+        """``self(embeds, layer, final_norm)`` and, from the same pass over the layers, the text embedding CLIP's
+        contrastive head sees (SDXL's ``y`` takes bigG's): the last layer, final LayerNorm, at each row's end token
+        ``eos`` ``(B,)``, times ``projection`` ``(P, T)``."""
         stop = self.depth + layer if layer < 0 else layer
         x = self._layers(embeds, stop)
         hidden = self._norm(x, "final_layer_norm") if final_norm else x

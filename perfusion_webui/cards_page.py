@@ -34,8 +34,13 @@ class ConceptCards(ui_extra_networks.ExtraNetworksPage):
 
     def create_item(self, name, index=None, enable_filter=True):
         path = self.library().files().get(name)
-        if path is None:
-            return None
+        return None if path is None else self._card(name, path, index)
+
+    def list_items(self):
+        for index, (name, path) in enumerate(list(self.library().files().items())):  # one walk of the folders
+            yield self._card(name, path, index)
+
+    def _card(self, name, path, index):
         try:
             return self._item(name, path, index)
         except Exception as err:  # noqa: BLE001 (A1111 builds every tab in one go: one odd file must not stop them)
@@ -77,12 +82,6 @@ class ConceptCards(ui_extra_networks.ExtraNetworksPage):
     def _shown(text: str) -> str:
         """Our plain-text description as the card will show it: escaped where the webui is set to show HTML."""
         return html.escape(text) if getattr(shared.opts, "extra_networks_card_description_is_html", False) else text
-
-    def list_items(self):
-        for index, name in enumerate(list(self.library().files())):
-            item = self.create_item(name, index)
-            if item is not None:
-                yield item
 
     def create_user_metadata_editor(self, ui, tabname):
         return PreferencesEditor(ui, tabname, self)

@@ -41,7 +41,9 @@ def test_the_core_forward_is_comfyuis_sdxl_encode(request, which):
             ids = torch.tensor([[token[0] for token in tokens[key][0]]])
             hidden.append(forward(forward.embed(ids), -2, final_norm=False))
         eos = (ids == sdxl_clip.tokenizer.clip_g.end_token).int().argmax(1)
-        pooled = forward.pooled(forward.embed(ids), eos, encoders.clip_g.transformer.text_projection.weight)
+        g_hidden, pooled = forward.hidden_and_pooled(forward.embed(ids), -2, False, eos,
+                                                     encoders.clip_g.transformer.text_projection.weight)
+        assert torch.equal(g_hidden, hidden[1])  # one pass gives the same hidden states as the layers alone
         assert torch.allclose(torch.cat(hidden, -1), want, atol=2e-5), (torch.cat(hidden, -1) - want).abs().max()
         assert torch.allclose(pooled, want_pooled, atol=2e-5), (pooled - want_pooled).abs().max()
 
