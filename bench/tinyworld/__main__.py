@@ -65,6 +65,16 @@ ALIGNMENT = [  # (prompt template, checks); an image scores the fraction of its 
 ]
 LAYOUTS = {"left/right": (("on the left", "on the right"), ("left", "right")),
            "top/bottom": (("at the top", "at the bottom"), ("top", "bottom"))}
+ORDERS = {"": True, ", object first": False}  # position phrase before each object (the headline), or after it
+
+
+def pair_prompt(first: str, second: str, layout: str, position_first: bool = True) -> str:
+    """Two objects in one prompt in the world's grammar (``render.caption``): "on the left a photo of a sks and on
+    the right a zwx", or "a photo of a sks on the left and a zwx on the right"."""
+    where = LAYOUTS[layout][0]
+    if position_first:
+        return f"{where[0]} a photo of a {first} and {where[1]} a {second}"
+    return f"a photo of a {first} {where[0]} and a {second} {where[1]}"
 NAMED = ("yellow triangle", "blue diamond")  # ordinary objects beside a concept, their colour named
 
 
@@ -128,16 +138,15 @@ class Bench:
             acc["size"].append(pred["size"][k] == t.size)
             acc["texture"].append(pred["texture"][k] == t.texture)
         pairs = []
-        for layout, (phrases, sides) in LAYOUTS.items():
-            for _ in range(self.args.control // 4):
-                a, b = (str(c) for c in rng.choice(list(R.COLOURS), 2, replace=False))
-                pairs.append((f"a photo of a {a} {pick(R.SHAPES)} {phrases[0]} and a {b} {pick(R.SHAPES)} "
-                              f"{phrases[1]}",
-                              layout, (a, b)))
-        two = host.sample([p for p, _, _ in pairs], list(range(5000, 5000 + len(pairs))), steps=self.args.steps)
-        for img, (_, layout, colours) in zip(two, pairs):
-            sides = LAYOUTS[layout][1]
-            acc.setdefault(f"two objects {layout}", []).append(
+        for order, position_first in ORDERS.items():
+            for layout in LAYOUTS:
+                for _ in range(self.args.control // 4):
+                    a, b = (str(c) for c in rng.choice(list(R.COLOURS), 2, replace=False))
+                    pairs.append((pair_prompt(f"{a} {pick(R.SHAPES)}", f"{b} {pick(R.SHAPES)}", layout,
+                                              position_first), f"{layout}{order}", LAYOUTS[layout][1], (a, b)))
+        two = host.sample([p for p, *_ in pairs], list(range(5000, 5000 + len(pairs))), steps=self.args.steps)
+        for img, (_, label, sides, colours) in zip(two, pairs):
+            acc.setdefault(f"two objects {label}", []).append(
                 all(analyse(half(img[None], s))[0]["colour"] == c for s, c in zip(sides, colours)))
         out = {k: mean_se(v) for k, v in acc.items()}
         out["control"] = (float(np.mean([out[k][0] for k in ("colour", "shape", "position")])), float("nan"))
@@ -173,17 +182,18 @@ class Bench:
         renderings (histogram intersection above 0.3 and above the other concept's). Also a concept beside an
         ordinary object whose colour is named."""
         a = self.args
-        jobs = []  # (prompt, [(side, expected trigger or colour name)])
-        for layout, (phrases, sides) in LAYOUTS.items():
+        jobs = []  # (prompt, [(side, expected trigger or colour name)], kind, layout)
+        for layout, (_, sides) in LAYOUTS.items():
             for first, second in (("sks", "zwx"), ("zwx", "sks")):
-                jobs += [(f"a photo of a {first} {phrases[0]} and a {second} {phrases[1]}",
-                          [(sides[0], first), (sides[1], second)], "two", layout)] * a.multi_seeds
+                for order, position_first in ORDERS.items():
+                    jobs += [(pair_prompt(first, second, layout, position_first),
+                              [(sides[0], first), (sides[1], second)], f"two{order}", layout)] * a.multi_seeds
                 obj = NAMED[first == "zwx"]
-                jobs += [(f"a photo of a {first} {phrases[0]} and a {obj} {phrases[1]}",
-                          [(sides[0], first), (sides[1], obj.split()[0])], "named", layout)] * (a.multi_seeds // 2)
+                jobs += [(pair_prompt(first, obj, layout), [(sides[0], first), (sides[1], obj.split()[0])], "named",
+                          layout)] * (a.multi_seeds // 2)
         images = host.sample([j[0] for j in jobs], [seed + 7000 + k for k in range(len(jobs))], applied,
                              steps=a.steps, global_lock=global_lock)
-        ok = {"two": [], "named": [], **{f"two {layout}": [] for layout in LAYOUTS}}
+        ok = {**{f"two{order}": [] for order in ORDERS}, "named": [], **{f"two {layout}": [] for layout in LAYOUTS}}
         for img, (_, wants, kind, layout) in zip(images, jobs):
             good = []
             for side, want in wants:
@@ -204,8 +214,9 @@ class Bench:
         """Where each of the two object words is attended: the share of its cross-attention (pixels' softmax mass,
         over heads, layers and sampling steps) that comes from its own half rather than the other object's half.
         0.5: no localisation. With the superclass words ("square", "circle") this is the world's own baseline."""
-        jobs = [(f"a photo of a {x} {LAYOUTS[l][0][0]} and a {y} {LAYOUTS[l][0][1]}", LAYOUTS[l][1], (x, y), l)
-                for l in LAYOUTS for x, y in (words, words[::-1])] * self.args.attention_seeds
+        jobs = [(pair_prompt(x, y, l, first), LAYOUTS[l][1], (x, y), l + order)
+                for l in LAYOUTS for x, y in (words, words[::-1])
+                for order, first in ORDERS.items()] * self.args.attention_seeds
         concepts = [x.concept for x in applied]
         with host.attention_by_side() as records:
             host.sample([j[0] for j in jobs], [seed + 8000 + k for k in range(len(jobs))], applied,
@@ -374,8 +385,8 @@ class Bench:
             multi[mode] = m["in_place"]
             self.log(f"[tinyworld] run {r}: two concepts ({label}), {mode}: " + " ".join(
                 f"{k}={v.mean():.3f}" for k, v in m["in_place"].items()))
-        prompts = [f"a photo of a {x} {LAYOUTS[l][0][0]} and a {y} {LAYOUTS[l][0][1]}" for l in LAYOUTS
-                   for x, y in (("sks", "zwx"), ("zwx", "sks"))]
+        prompts = [pair_prompt(x, y, l, first) for l in LAYOUTS for x, y in (("sks", "zwx"), ("zwx", "sks"))
+                   for first in ORDERS.values()]
         tables = self.gate_tables(host, pair, prompts)
         out = {"multi": multi, "gate_tables": tables, "attention": self.attention(host, pair, seed),
                "cross_gate": max(max(tb["g"][tb["slots"]["zwx"]][0], tb["g"][tb["slots"]["sks"]][1]) for tb in tables),
@@ -392,8 +403,8 @@ class Bench:
     def composed_baseline(self, host: TinyWorldHost, refs: dict, seed: int) -> float:
         """Superclass words in the two-object prompts: how often the halves match the concepts by chance."""
         prompts, wants = [], []
-        for layout, (phrases, sides) in LAYOUTS.items():
-            prompts += [f"a photo of a square {phrases[0]} and a circle {phrases[1]}"] * self.args.multi_seeds
+        for layout, (_, sides) in LAYOUTS.items():
+            prompts += [pair_prompt("square", "circle", layout)] * self.args.multi_seeds
             wants += [sides] * self.args.multi_seeds
         images = host.sample(prompts, [seed + 9000 + k for k in range(len(prompts))], steps=self.args.steps)
         ok = [colour_fidelity(half(img[None], s0), refs["sks"])[0] > 0.3 and
@@ -407,6 +418,8 @@ class Bench:
         cache, out = Path(a.cache), Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         settings = WorldSettings(encoder=a.encoder, threads=torch.get_num_threads(), seed=a.world_seed)
+        if a.localise is not None:
+            settings = replace(settings, localise=a.localise)
         if a.quick:
             settings = replace(settings, captions=600, steps=40, finetune_steps=4, feature_steps=40, clip_steps=20,
                                clip_batch=64)
@@ -544,6 +557,8 @@ def parse(argv=None):
                    help="torch CPU threads (0: torch's default); part of the world's key")
     p.add_argument("--encoder", choices=("clip", "minilm"), default="clip", help="the world's text encoder")
     p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--localise", type=float, default=None,
+                   help=f"weight of the world's localisation loss (default {WorldSettings.localise}; 0: none)")
     p.add_argument("--quick", action="store_true",
                    help="tiny world and evaluation (pipeline smoke run, numbers meaningless)")
     p.add_argument("--runs", type=int, default=3,

@@ -19,7 +19,7 @@ from perfusion_ops.modules import cross_attention_layers, forwards_installed
 from perfusion_ops.training import Sample, TrainSettings, Trainer, masked_noise_loss, add_noise, prompts_for, run
 
 from . import render as R
-from .model import TinyUNet, cosine_alphas_cumprod, ddim_sample, fold
+from .model import TinyUNet, cosine_alphas_cumprod, cross_attention_maps, ddim_sample, fold
 from .text import Encoder
 
 
@@ -102,27 +102,13 @@ class TinyWorldHost:
         of the image: the conditional half's softmax probabilities averaged over heads and over the pixels of the
         left, right, top and bottom halves, (B, 4, tokens) per call. ``yield`` the list they are appended to."""
         records = []
-
-        def hook(module, args, kwargs, output):
-            x, context = args[0], args[1]
-            keys = context if len(args) < 3 or args[2] is None else args[2]
-            half, side = x.shape[0] // 2, int(round(x.shape[1] ** 0.5))
-            q = module.to_q(x[half:]).view(half, x.shape[1], module.heads, -1).transpose(1, 2)
-            k = module.to_k(keys[half:]).view(half, keys.shape[1], module.heads, -1).transpose(1, 2)
-            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            scores = scores.masked_fill(~(context[half:].abs().amax(-1) > 0)[:, None, None, :], float("-inf"))
-            maps = scores.softmax(-1).mean(1).view(half, side, side, -1)  # (B, y, x, tokens)
-            m = side // 2
-            records.append(torch.stack([maps[:, :, :m].mean((1, 2)), maps[:, :, m:].mean((1, 2)),
-                                        maps[:, :m].mean((1, 2)), maps[:, m:].mean((1, 2))], 1))
-
-        handles = [self.unet.get_submodule(layer).register_forward_hook(hook, with_kwargs=True)
-                   for layer in self.layers]
-        try:
+        with cross_attention_maps(self.unet) as maps:
             yield records
-        finally:
-            for handle in handles:
-                handle.remove()
+        for probs in maps:
+            half, side = probs.shape[0] // 2, int(round(probs.shape[1] ** 0.5))
+            grid, m = probs[half:].view(half, side, side, -1), side // 2  # (B, y, x, tokens)
+            records.append(torch.stack([grid[:, :, :m].mean((1, 2)), grid[:, :, m:].mean((1, 2)),
+                                        grid[:, :m].mean((1, 2)), grid[:, m:].mean((1, 2))], 1))
 
 
 def superclass_prompt(prompt: str, concepts: list[Concept]) -> str:

@@ -10,6 +10,7 @@ optional ``key_context`` feeds ``to_k`` instead of the context (the global key l
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -61,7 +62,8 @@ class ResBlock(nn.Module):
 
 class CrossAttention(nn.Module):
     """SD's CrossAttention: ``to_q``/``to_k``/``to_v`` without bias, ``to_out``; context=None is self-attention;
-    ``key_context`` (same shape as ``context``) replaces the context of ``to_k`` only."""
+    ``key_context`` (same shape as ``context``) replaces the context of ``to_k`` only. Within
+    :func:`cross_attention_maps`, a cross-attention call also appends its attention maps to ``maps``."""
 
     def __init__(self, dim: int, context_dim: int | None, heads: int):
         super().__init__()
@@ -71,6 +73,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
+        self.maps: list[Tensor] | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None, key_context: Tensor | None = None) -> Tensor:
         mask = None
@@ -83,8 +86,28 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, n, h, -1).transpose(1, 2)
         k = self.to_k(context if key_context is None else key_context).view(b, context.shape[1], h, -1).transpose(1, 2)
         v = self.to_v(context).view(b, context.shape[1], h, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # a caption always has its start/end tokens
+        if self.maps is not None and mask is not None:  # the softmax written out, to keep its probabilities
+            probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+            self.maps.append(probs.mean(1))
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # a caption always has start/end tokens
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+@contextlib.contextmanager
+def cross_attention_maps(unet: nn.Module):
+    """Within, every cross-attention call of ``unet`` appends its attention probabilities, averaged over heads,
+    (B, pixels, tokens), to the yielded list (differentiable: the world's localisation loss trains on them)."""
+    layers = [m for m in unet.modules() if isinstance(m, CrossAttention)]
+    maps: list[Tensor] = []
+    for layer in layers:
+        layer.maps = maps
+    try:
+        yield maps
+    finally:
+        for layer in layers:
+            layer.maps = None
 
 
 class FeedForward(nn.Module):

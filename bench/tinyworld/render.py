@@ -4,7 +4,10 @@ Images are 32×32 RGB in [-1, 1] (float32, CHW), drawn at 64×64 and box-filtere
 A scene is one object (size, colour, texture, shape, position, background) or two objects (left and right, or top
 and bottom: the world's "S1 on S2").
 Captions use the core's neutral templates (App. G) around a description; any attribute may be left out of the
-caption, and is then drawn at random, so "a photo of a square" means "some square".
+caption, and is then drawn at random, so "a photo of a square" means "some square". A position is said after its
+object ("a red square on the left") or before it ("on the left a photo of a red square"). Under a causal text
+encoder only the second order puts "where" into the object's own word, as attributes before a noun reach the noun
+in CLIP: it is what lets an object's word be attended in its own place (``__main__.py`` measures both orders).
 """
 from __future__ import annotations
 
@@ -92,14 +95,15 @@ def texture_dark(texture: str) -> np.ndarray:
 
 def render(scene: Scene, rng: np.random.Generator | None = None, jitter: float = 1.5, outline: bool = False,
            ) -> tuple[np.ndarray, np.ndarray]:
-    """``(image (3, 32, 32) in [-1, 1], object mask (32, 32) in [0, 1])``; ``rng`` jitters position and size.
+    """``(image (3, 32, 32) in [-1, 1], masks (objects, 32, 32) in [0, 1])``, a mask per object;
+    ``rng`` jitters position and size.
 
     ``outline`` draws every object with a dark brown outline (the style of the fine-tuned world model)."""
     rng = rng or np.random.default_rng(0)
     canvas = np.empty((_HI, _HI, 3), np.float32)
     canvas[:] = BACKGROUNDS[scene.background]
-    cover = np.zeros((_HI, _HI), np.float32)
-    for thing in scene.things:
+    cover = np.zeros((len(scene.things), _HI, _HI), np.float32)
+    for n, thing in enumerate(scene.things):
         cx, cy = POSITIONS[thing.position]
         cx, cy = cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)
         r = _radius(thing.size) * (1 + rng.uniform(-0.08, 0.08) * (jitter > 0))
@@ -110,10 +114,10 @@ def render(scene: Scene, rng: np.random.Generator | None = None, jitter: float =
             canvas[shape_mask(thing.shape, cx, cy, r + OUTLINE_WIDTH) & ~mask] = OUTLINE
         canvas[mask] = colour
         canvas[mask & dark] = colour * 0.45
-        cover[mask] = 1
+        cover[n, mask] = 1
     image = canvas.reshape(SIZE, 2, SIZE, 2, 3).mean((1, 3))
-    mask = cover.reshape(SIZE, 2, SIZE, 2).mean((1, 3))
-    return (image.transpose(2, 0, 1) / 127.5 - 1).astype(np.float32), mask
+    masks = cover.reshape(-1, SIZE, 2, SIZE, 2).mean((2, 4))
+    return (image.transpose(2, 0, 1) / 127.5 - 1).astype(np.float32), masks
 
 
 # -- captions ------------------------------------------------------------------------------------------------
@@ -130,20 +134,27 @@ def describe(thing: Thing, words: dict[str, bool]) -> str:
     return " ".join(parts)
 
 
-def caption(scene: Scene, template: str, words: dict[str, bool]) -> str:
-    """The caption of ``scene`` in ``template``; ``words`` says which attributes it names."""
+def caption(scene: Scene, template: str, words: dict[str, bool], position_first: bool = False) -> str:
+    """The caption of ``scene`` in ``template``; ``words`` says which attributes it names; ``position_first`` puts
+    each position phrase before its object ("on the left a photo of a red square and on the right a blue circle")
+    instead of after it ("a photo of a red square on the left and a blue circle on the right")."""
+    where = lambda thing: POSITION_PHRASE[thing.position]
     if len(scene.things) == 1:
         thing = scene.things[0]
-        text = describe(thing, words)
+        text = template.format(describe(thing, words))
         if words.get("position"):
-            text += " " + POSITION_PHRASE[thing.position]
+            text = f"{where(thing)} {text}" if position_first else f"{text} {where(thing)}"
+    elif position_first:
+        first, second = scene.things
+        text = (f"{where(first)} {template.format(describe(first, words))} and {where(second)} a "
+                f"{describe(second, words)}")
     else:
         first, second = scene.things
-        text = (f"{describe(first, words)} {POSITION_PHRASE[first.position]} and a {describe(second, words)} "
-                f"{POSITION_PHRASE[second.position]}")
+        text = template.format(f"{describe(first, words)} {where(first)} and a {describe(second, words)} "
+                               f"{where(second)}")
     if words.get("background"):
         text += f" on a {scene.background} background"
-    return template.format(text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -154,8 +165,9 @@ class Spec:
     background: str | None
 
 
-def random_spec(rng: random.Random, two_objects: float = 0.3) -> tuple[Spec, str]:
-    """A random caption of the world and what it specifies; each attribute is named with probability 0.75."""
+def random_spec(rng: random.Random, two_objects: float = 0.5, position_first: float = 0.5) -> tuple[Spec, str]:
+    """A random caption of the world and what it specifies; each attribute is named with probability 0.75, a scene
+    has two objects with probability ``two_objects``, positions come first with probability ``position_first``."""
     named = {k: rng.random() < 0.75 for k in ("size", "colour", "texture", "position", "background")}
     background = rng.choice(list(BACKGROUNDS))
     pick = lambda: (rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(TEXTURES))
@@ -166,7 +178,7 @@ def random_spec(rng: random.Random, two_objects: float = 0.3) -> tuple[Spec, str
     else:
         things = [Thing(*pick(), rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))]
     scene = Scene(tuple(things), background)
-    text = caption(scene, rng.choice(TEMPLATES), named)
+    text = caption(scene, rng.choice(TEMPLATES), named, rng.random() < position_first)
     keep = lambda value, key: value if named[key] else None
     spec = Spec(tuple((t.shape, keep(t.colour, "colour"), keep(t.texture, "texture"),
                        t.size if t.size == "medium" else keep(t.size, "size"),
@@ -184,14 +196,15 @@ def realise(spec: Spec, rng: random.Random) -> Scene:
     return Scene(things, fill(spec.background, BACKGROUNDS))
 
 
-def random_scene(rng: random.Random, two_objects: float = 0.3) -> tuple[Scene, str]:
+def random_scene(rng: random.Random, two_objects: float = 0.5, position_first: float = 0.5) -> tuple[Scene, str]:
     """A random world scene and a caption of it."""
-    spec, text = random_spec(rng, two_objects)
+    spec, text = random_spec(rng, two_objects, position_first)
     return realise(spec, rng), text
 
 
 def render_batch(scenes: list[Scene], seed: int, jitter: float = 1.5, outline: bool = False,
                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (B, 3, 32, 32), masks (B, 32, 32) of all objects)``; :func:`render` for each object's mask."""
     rng = np.random.default_rng(seed)
     out = [render(s, rng, jitter, outline) for s in scenes]
-    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+    return np.stack([o[0] for o in out]), np.stack([o[1].sum(0) for o in out])

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "position": 1 / 5, "background": 1 / 3, "size": 1 / 2, "texture": 1 / 3,
-          "two objects left/right": 1 / 30, "two objects top/bottom": 1 / 30}
+          **{f"two objects {layout}{order}": 1 / 30 for layout in ("left/right", "top/bottom")
+             for order in ("", ", object first")}}
 
 
 def pm(value, se=None, digits=3) -> str:
@@ -80,14 +81,17 @@ def tables(results: dict) -> list[str]:
     lines += ["",
               "## Two concepts trained separately, in one prompt (β = headline, τ 0.15)", "",
               "In place: each half's object matches its own concept's colour make-up (histogram intersection > 0.3 "
-              "and above the other concept's); 'named': a concept beside an ordinary object whose colour is named.",
+              "and above the other concept's); 'named': a concept beside an ordinary object whose colour is named. "
+              "Prompts say each position before its object (\"on the left a photo of a sks and on the right a zwx\"); "
+              "'object first' says it after (\"a photo of a sks on the left and a zwx on the right\").",
               "",
-              "| trainer | key lock | both in place (all) | left/right | top/bottom | concept + named object "
-              "| per-run (all) |",
-              "|---|---|---|---|---|---|---|"]
+              "| trainer | key lock | both in place (all) | left/right | top/bottom | object first "
+              "| concept + named object | per-run (all) |",
+              "|---|---|---|---|---|---|---|---|"]
     for m in results["multi"]:
         lines.append(f"| {m['trainer']} | {m['lock']} | {pm(m['two'])} | {pm(m['two left/right'])} | "
-                     f"{pm(m['two top/bottom'])} | {pm(m['named'])} | {spread(m['per_run'])} |")
+                     f"{pm(m['two top/bottom'])} | {pm(m['two, object first'])} | {pm(m['named'])} | "
+                     f"{spread(m['per_run'])} |")
     lines += ["", "Superclass words in the same prompts, halves matching the concepts by chance: "
               + " / ".join(f"{run['multi_superclass']:.3f}" for run in results["runs"]), "",
               "Gates in the composed prompts (β headline, τ 0.15) per run: own trigger (min), other's trigger (max), "

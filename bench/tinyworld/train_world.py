@@ -16,20 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from perfusion_ops.covariance import CovarianceEstimator
 
 from . import render as R
 from .clip import TinyCLIP, train_clip
 from .measure import FeatureNet, train_features
-from .model import TinyUNet, cosine_alphas_cumprod, fold
+from .model import TinyUNet, cosine_alphas_cumprod, cross_attention_maps, fold
 from .text import Encoder, TextEncoder
 
 
 @dataclass(frozen=True)
 class WorldSettings:
-    version: int = 3  # of the model code (3: tiny CLIP, top/bottom pairs, 1.5-px outline): a new version retrains
+    version: int = 4  # of the model code (4: half the scenes two objects, positions said first or last): retrains
     encoder: str = "clip"  # "clip": the tiny CLIP of clip.py; "minilm": the pretrained all-MiniLM-L6-v2
     threads: int = 0  # torch CPU threads the world was trained with (0: torch's default); see the module doc
     seed: int = 0
@@ -48,6 +50,7 @@ class WorldSettings:
     c1: int = 64
     heads: int = 16  # head width: 2 heads at 16×16, 4 at 8×8 (one 32-wide head barely learned background)
     uncond: float = 0.1  # caption dropout (classifier-free guidance)
+    localise: float = 0.1  # weight of the localisation loss (:func:`localisation_loss`); 0: none
     finetune_steps: int = 400  # the second, fine-tuned world model (outlined objects)
     finetune_batch: int = 32
     finetune_lr: float = 1e-3
@@ -77,14 +80,64 @@ class Captions:
             if n % 2048 == 0:
                 log(f"  encoded {n}/{count} captions ({time.time() - start:.0f}s)")
         self.empty = text.encode_plain([""])[0].half()
+        self.objects = [object_tokens(text, spec, words) for spec, words in zip(self.specs, self.texts)]
 
     def batch(self, rng: random.Random, n: int, uncond: float, outline: bool = False):
-        """``(latents, context)`` of n random captions, images realised and rendered afresh."""
+        """``(latents, context, objects)`` of n random captions, images realised and rendered afresh; ``objects``:
+        for the two-object captions kept, ``(rows, token masks (K, L), own masks (K, 32, 32), other's masks)``."""
         idx = [rng.randrange(len(self.specs)) for _ in range(n)]
         scenes = [R.realise(self.specs[k], rng) for k in idx]
-        images, _ = R.render_batch(scenes, rng.randrange(2**31), outline=outline)
-        rows = [self.empty if rng.random() < uncond else self.encodings[k] for k in idx]
-        return fold(torch.from_numpy(images)), pad(rows)
+        draw = np.random.default_rng(rng.randrange(2**31))
+        images, masks = zip(*(R.render(scene, draw, outline=outline) for scene in scenes))
+        dropped = [rng.random() < uncond for _ in idx]
+        context = pad([self.empty if d else self.encodings[k] for k, d in zip(idx, dropped)])
+        rows, tokens, own, other = [], [], [], []
+        for row, (k, d) in enumerate(zip(idx, dropped)):
+            for n_obj, spans in enumerate(self.objects[k] if not d else ()):
+                mask = torch.zeros(context.shape[1], dtype=torch.bool)
+                mask[spans] = True
+                rows.append(row)
+                tokens.append(mask)
+                own.append(torch.from_numpy(masks[row][n_obj]))
+                other.append(torch.from_numpy(masks[row][1 - n_obj]))
+        objects = (torch.tensor(rows), torch.stack(tokens), torch.stack(own), torch.stack(other)) if rows else None
+        return fold(torch.from_numpy(np.stack(images))), context, objects
+
+
+def object_tokens(text: Encoder, spec: R.Spec, caption: str) -> list[list[int]]:
+    """For a two-object caption, each object's token positions: its shape word and the attribute words before it
+    (its description); ``[]`` for one object."""
+    if len(spec.things) != 2:
+        return []
+    words = caption.split()
+    attributes = {*R.SIZES, "medium", *R.COLOURS, *R.TEXTURES}
+    start = lambda j: len(text.tokenize(" ".join(words[:j]))[0]) - 1  # token position of word j (after start)
+    out, after = [], 0
+    for thing in spec.things:
+        noun = words.index(thing[0], after)
+        first = noun
+        while first > 0 and words[first - 1] in attributes:
+            first -= 1
+        out.append(list(range(start(first), start(noun + 1))))
+        after = noun + 1
+    return out
+
+
+def localisation_loss(maps: list[Tensor], objects) -> Tensor:
+    """1 − the share of an object's words' attention that comes from its own pixels rather than the other
+    object's, averaged over objects and cross-attention calls (each object's mask area-pooled to the call's grid).
+
+    SD's object words are attended where their objects are (Hertz et al. 2022, Prompt-to-Prompt); the world model
+    is taught that property, which Perfusion's composition of concepts relies on."""
+    rows, tokens, own, other = objects
+    losses = []
+    for probs in maps:  # (B, pixels, tokens)
+        side = int(round(probs.shape[1] ** 0.5))
+        attended = (probs[rows] * tokens[:, None, : probs.shape[-1]]).sum(-1)  # (K, pixels)
+        pool = lambda m: F.adaptive_avg_pool2d(m[:, None], side).flatten(1)
+        inside, outside = (attended * pool(own)).sum(1), (attended * pool(other)).sum(1)
+        losses.append(1 - inside / (inside + outside + 1e-6))
+    return torch.cat(losses).mean()
 
 
 def pad(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -95,17 +148,23 @@ def pad(rows: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def diffusion_loss(unet, latents, context, alphas_cumprod, g: torch.Generator):
-    """v-MSE (the x₀ error weighted by SNR + 1: layout at high noise keeps its share of the gradient)."""
+def diffusion_loss(unet, latents, context, alphas_cumprod, g: torch.Generator, objects=None, localise: float = 0.0):
+    """v-MSE (the x₀ error weighted by SNR + 1: layout at high noise keeps its share of the gradient), plus
+    ``localise`` × :func:`localisation_loss` of ``objects``."""
     t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=g)
     noise = torch.randn(latents.shape, generator=g)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    return (unet(noisy, t, context) - (a.sqrt() * noise - (1 - a).sqrt() * latents)).square().mean()
+    if not localise or objects is None:
+        return (unet(noisy, t, context) - (a.sqrt() * noise - (1 - a).sqrt() * latents)).square().mean()
+    with cross_attention_maps(unet) as maps:
+        v = unet(noisy, t, context)
+    return (v - (a.sqrt() * noise - (1 - a).sqrt() * latents)).square().mean() + localise * localisation_loss(
+        maps, objects)
 
 
 def train_unet(unet, captions: Captions, steps, batch, lr, warmup, ema_decay, seed, uncond, outline=False,
-               log=print, checkpoint=None, tag="world"):
+               log=print, checkpoint=None, tag="world", localise: float = 0.0):
     """AdamW with warm-up and cosine decay; returns the EMA copy of the weights."""
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     alphas = cosine_alphas_cumprod()
@@ -115,8 +174,8 @@ def train_unet(unet, captions: Captions, steps, batch, lr, warmup, ema_decay, se
     for step in range(1, steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / steps)))
-        latents, context = captions.batch(rng, batch, uncond, outline)
-        loss = diffusion_loss(unet, latents, context, alphas, g)
+        latents, context, objects = captions.batch(rng, batch, uncond, outline)
+        loss = diffusion_loss(unet, latents, context, alphas, g, objects, localise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -173,7 +232,7 @@ def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=prin
         save_file({f"base.{k}": v.contiguous() for k, v in ema.items()}, str(partial), metadata={"step": str(step)})
 
     base = train_unet(unet, captions, settings.steps, settings.batch, settings.lr, settings.warmup, settings.ema,
-                      settings.seed + 2, settings.uncond, log=log, checkpoint=checkpoint)
+                      settings.seed + 2, settings.uncond, log=log, checkpoint=checkpoint, localise=settings.localise)
     timings["world_s"] = time.time() - t
 
     t = time.time()

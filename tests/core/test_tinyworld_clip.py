@@ -12,6 +12,8 @@ from bench.tinyworld import render as R
 from bench.tinyworld.clip import TinyCLIP, clip_batch, zero_shot
 from bench.tinyworld.host import superclass_prompt
 from bench.tinyworld.measure import outline_score
+from bench.tinyworld.model import TinyUNet, cross_attention_maps
+from bench.tinyworld.train_world import localisation_loss, object_tokens
 from perfusion_ops.concept import Concept
 from tinyworld_fixtures import one_thread  # noqa: F401 (autouse)
 
@@ -80,7 +82,7 @@ def test_two_object_scenes_come_left_right_and_top_bottom():
         positions = tuple(t[4] for t in spec.things)
         layouts.add(positions)
         phrases = [R.POSITION_PHRASE[p] for p in positions]
-        assert text.index(phrases[0]) < text.index(" and a ") < text.index(phrases[1])
+        assert text.index(phrases[0]) < text.index(" and ") < text.index(phrases[1])
     assert layouts == {("left", "right"), ("top", "bottom")}
 
 
@@ -98,3 +100,63 @@ def test_global_key_lock_prompt_swaps_triggers_for_superclass_words():
     assert superclass_prompt("a photo of a sks on the left and a ZWX on the right",
                              [concept("sks", "square"), concept("zwx", "circle")]) == \
         "a photo of a square on the left and a circle on the right"
+
+
+def test_positions_come_before_or_after_their_objects_and_each_object_has_its_mask():
+    rng = random.Random(5)
+    orders = set()
+    for _ in range(100):
+        spec, text = R.random_spec(rng, two_objects=1.0)
+        orders.add(text.startswith(R.POSITION_PHRASE[spec.things[0][4]]))
+    assert orders == {True, False}
+    scene = R.Scene((R.Thing("square", "red", "plain", "medium", "left"),
+                     R.Thing("circle", "blue", "striped", "medium", "right")), "white")
+    image, masks = R.render(scene, jitter=0)
+    assert masks.shape == (2, 32, 32)
+    assert masks[0][:, :16].sum() == masks[0].sum() > 50 and masks[1][:, 16:].sum() == masks[1].sum() > 50
+    _, combined = R.render_batch([scene], seed=0, jitter=0)
+    assert np.array_equal(combined[0], masks.sum(0))
+    text = R.caption(scene, "a photo of a {}", {"colour": True, "texture": True}, position_first=True)
+    assert text == "on the left a photo of a red plain square and on the right a blue striped circle"
+
+
+def test_object_tokens_are_each_objects_description(clip):
+    spec = R.Spec((("square", "red", None, "medium", "left"), ("square", "blue", "dotted", "medium", "right")), None)
+    for caption in ("on the left a photo of a red square and on the right a blue dotted square",
+                    "a photo of a red square on the left and a blue dotted square on the right on a gray background"):
+        names = clip.token_names(caption)
+        spans = object_tokens(clip, spec, caption)
+        assert [[names[k] for k in span] for span in spans] == [["red", "square"], ["blue", "dotted", "square"]]
+    assert object_tokens(clip, R.Spec((("square", None, None, None, None),), None), "a photo of a square") == []
+
+
+def test_localisation_loss_is_the_share_of_attention_outside_the_own_object():
+    own = torch.zeros(1, 32, 32)
+    own[0, :, :16] = 1
+    other = own.flip(-1)
+    tokens = torch.tensor([[False, True, False]])
+    objects = (torch.tensor([0]), tokens, own, other)
+    pixel_left = torch.arange(256).view(16, 16)[:, :8].flatten()
+
+    def maps(inside: float):  # token 1's attention: `inside` of its mass on the left half, the rest on the right
+        probs = torch.full((1, 256, 3), 0.5)
+        probs[0, :, 1] = 2 * (1 - inside) / 256
+        probs[0, pixel_left, 1] = 2 * inside / 256
+        return [probs]
+
+    for inside in (1.0, 0.75, 0.5, 0.0):
+        assert float(localisation_loss(maps(inside), objects)) == pytest.approx(1 - inside, abs=1e-4)
+
+
+def test_recorded_attention_maps_are_the_softmax_the_model_uses():
+    unet = TinyUNet(16, 32, context_dim=24, heads=16).eval()
+    x, t, ctx = torch.randn(2, 12, 16, 16), torch.tensor([10, 900]), torch.randn(2, 5, 24)
+    ctx[1, 3:] = 0  # padding
+    with torch.no_grad():
+        plain = unet(x, t, ctx)  # scaled_dot_product_attention
+        with cross_attention_maps(unet) as maps:
+            recorded = unet(x, t, ctx)  # the softmax written out
+    assert torch.allclose(recorded, plain, atol=1e-5) and len(maps) == 7
+    assert all(torch.allclose(m.sum(-1), torch.ones(2, m.shape[1])) and float(m[1, :, 3:].abs().max()) == 0
+               for m in maps)
+    assert all(layer.maps is None for layer in unet.modules() if hasattr(layer, "maps"))
