@@ -41,7 +41,7 @@ class WorldSettings:
     clip_batch: int = 256
     clip_lr: float = 1e-3
     captions: int = 5000  # caption pool (encoded once); unnamed attributes are redrawn at every use
-    steps: int = 3000
+    steps: int = 2000
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 50
@@ -197,6 +197,29 @@ def world_path(cache: Path, settings: WorldSettings) -> Path:
     return Path(cache) / f"world-{settings.key()}.safetensors"
 
 
+CLIP_FIELDS = ("version", "threads", "seed", "clip_width", "clip_layers", "clip_steps", "clip_batch", "clip_lr")
+
+
+def text_encoder(cache: Path, settings: WorldSettings, log=print) -> Encoder:
+    """The world's text encoder: the pretrained MiniLM, or the tiny CLIP, trained once and cached on its own
+    (``<cache>/clip-<key>.safetensors``), so that worlds differing only after it share it."""
+    if settings.encoder != "clip":
+        return TextEncoder.pretrained()
+    key = hashlib.sha256(json.dumps({f: getattr(settings, f) for f in CLIP_FIELDS}).encode()).hexdigest()[:10]
+    path = Path(cache) / f"clip-{key}.safetensors"
+    if path.is_file():  # the world model's initialisation does not depend on this branch: features are seeded
+        log(f"[tinyworld] the tiny CLIP from {path}")
+        clip = TinyCLIP(settings.clip_width, settings.clip_layers)
+        clip.load_state_dict(load_file(str(path)))
+        return clip.eval().requires_grad_(False)
+    log(f"[tinyworld] training the tiny CLIP ({settings.clip_steps} steps × {settings.clip_batch})")
+    clip = train_clip(settings.clip_width, settings.clip_layers, 4, 64, settings.clip_steps, settings.clip_batch,
+                      settings.clip_lr, settings.seed + 4, log)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").replace(path)
+    return clip
+
+
 def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=print) -> Path:
     """Train everything the benchmark needs from nothing and write the cache file; returns its path."""
     cache = Path(cache)
@@ -205,12 +228,7 @@ def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=prin
     timings = {}
     t0 = time.time()
     torch.manual_seed(settings.seed)
-    if settings.encoder == "clip":
-        log(f"[tinyworld] training the tiny CLIP ({settings.clip_steps} steps × {settings.clip_batch})")
-        text = train_clip(settings.clip_width, settings.clip_layers, 4, 64, settings.clip_steps, settings.clip_batch,
-                          settings.clip_lr, settings.seed + 4, log)
-    else:
-        text = TextEncoder.pretrained()
+    text = text_encoder(cache, settings, log)
     timings["text_encoder_s"] = time.time() - t0
     t = time.time()
     log(f"[tinyworld] encoding {settings.captions} captions with {text.name}")

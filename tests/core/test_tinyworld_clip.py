@@ -3,6 +3,7 @@ encodings, start/end tokens, one slot per trigger word, the end token's state as
 other pieces of the v2 world (top/bottom pairs, the outline style score, the global key lock's prompt). No world
 training here; a few contrastive steps at most."""
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from bench.tinyworld.clip import TinyCLIP, clip_batch, zero_shot
 from bench.tinyworld.host import superclass_prompt
 from bench.tinyworld.measure import outline_score
 from bench.tinyworld.model import TinyUNet, cross_attention_maps
-from bench.tinyworld.train_world import localisation_loss, object_tokens
+from bench.tinyworld.train_world import WorldSettings, localisation_loss, object_tokens, text_encoder
 from perfusion_ops.concept import Concept
 from tinyworld_fixtures import one_thread  # noqa: F401 (autouse)
 
@@ -160,3 +161,15 @@ def test_recorded_attention_maps_are_the_softmax_the_model_uses():
     assert all(torch.allclose(m.sum(-1), torch.ones(2, m.shape[1])) and float(m[1, :, 3:].abs().max()) == 0
                for m in maps)
     assert all(layer.maps is None for layer in unet.modules() if hasattr(layer, "maps"))
+
+
+def test_tiny_clip_is_trained_once_and_shared_by_worlds_that_differ_after_it(tmp_path):
+    settings = WorldSettings(clip_width=32, clip_layers=1, clip_steps=2, clip_batch=8)
+    trained = text_encoder(tmp_path, settings, log=lambda m: None)
+    assert len(list(tmp_path.glob("clip-*.safetensors"))) == 1
+    lines = []
+    loaded = text_encoder(tmp_path, replace(settings, steps=7, localise=0.0), log=lines.append)
+    assert lines and "from" in lines[0]
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()))
+    text_encoder(tmp_path, replace(settings, clip_steps=3), log=lambda m: None)  # another CLIP: another file
+    assert len(list(tmp_path.glob("clip-*.safetensors"))) == 2
