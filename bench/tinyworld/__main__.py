@@ -1,9 +1,10 @@
 """Proof that Perfusion learns, v2: a CLIP-like tiny world; the paper's claims, measured with enough seeds to decide.
 
 1. The world (``bench/tinyworld/``): procedural 32×32 scenes with captions; a tiny CLIP (causal text tower, image
-   CNN) trained contrastively on them and frozen; a 1.2M-parameter v-prediction UNet with SD1.5's block structure
-   conditioned on the CLIP's last hidden states; a fine-tuned copy in another style (outlined objects); a feature
-   net. Trained once, cached. ``--encoder minilm`` builds the earlier world on the pretrained all-MiniLM-L6-v2.
+   CNN) trained contrastively on them and frozen; a 0.97M-parameter v-prediction UNet with SD1.5's block structure
+   conditioned on the CLIP's last hidden states, taught (``--localise``) that an object's words are attended on its
+   own pixels; a fine-tuned copy in another style (outlined objects); a feature net. Trained once, cached.
+   ``--encoder minilm`` builds the earlier world on the pretrained all-MiniLM-L6-v2.
 2. Two personal concepts the world never saw (novel colours teal / pink with a texture), trained with the project's
    own Perfusion loop (``perfusion_ops.training``) through ``bench/tinyworld/host.py``: key-locked (the paper),
    trained-K (Fig. 9b), embedding-only (textual inversion), and key-locked from one rendering (Fig. 8).
@@ -13,9 +14,10 @@
    with every gate at every token; transfer to the fine-tuned copy. Figures pool the runs' images and carry standard
    errors; lock_gain has a bootstrap standard error and a verdict that must hold in every run.
 
-Run: .venv/bin/python -m bench.tinyworld --threads 1   (trains the world on first use; ``--quick``: smoke run;
-``--variant``: also the leak-aware gate metric of ``variants.py``). On a 2-core machine shared with other jobs one
-thread is ~3× faster than two (two threads wait on each other). Results are bit-identical for a given thread count.
+Run: .venv/bin/python -m bench.tinyworld --threads 2   (trains the world on first use; ``--quick``: smoke run;
+``--variant``: also the leak-aware gate metric of ``variants.py``). On an idle 2-core machine two threads train the
+world 1.6× faster than one; on one shared with other jobs, use one (two threads wait on each other). Results are
+bit-identical for a given thread count, which is part of the world's key.
 Writes under --out: results.md (tables), results.json, pareto.png, samples.png, log.txt; last line is the summary.
 """
 from __future__ import annotations
