@@ -7,6 +7,7 @@ file is ``<cache>/world-<settings key>.safetensors``; a partial checkpoint is wr
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -155,12 +156,10 @@ def diffusion_loss(unet, latents, context, alphas_cumprod, g: torch.Generator, o
     noise = torch.randn(latents.shape, generator=g)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    if not localise or objects is None:
-        return (unet(noisy, t, context) - (a.sqrt() * noise - (1 - a).sqrt() * latents)).square().mean()
-    with cross_attention_maps(unet) as maps:
-        v = unet(noisy, t, context)
-    return (v - (a.sqrt() * noise - (1 - a).sqrt() * latents)).square().mean() + localise * localisation_loss(
-        maps, objects)
+    localising = bool(localise) and objects is not None  # only then the softmax is written out, for its maps
+    with cross_attention_maps(unet) if localising else contextlib.nullcontext() as maps:
+        loss = (unet(noisy, t, context) - (a.sqrt() * noise - (1 - a).sqrt() * latents)).square().mean()
+    return loss + localise * localisation_loss(maps, objects) if localising else loss
 
 
 def train_unet(unet, captions: Captions, steps, batch, lr, warmup, ema_decay, seed, uncond, outline=False,
