@@ -5,10 +5,10 @@ from .concept import Concept, ConceptError, check_gate
 from .concept_file import export_embedding, load_concept, save_concept
 from .covariance import CovarianceEstimator, cached_covariance, estimate_covariance, fingerprint, ridge_inverse
 from .projection import EditedProjection, SharedContext
-from .stack import ConceptStack, gate, similarity
+from .stack import ConceptStack, first_opening, gate, similarity
 
 __all__ = [
     "Concept", "ConceptError", "ConceptStack", "CovarianceEstimator", "EditedProjection", "SharedContext",
-    "cached_covariance", "check_gate", "estimate_covariance", "export_embedding", "fingerprint", "gate",
-    "load_concept", "ridge_inverse", "save_concept", "similarity",
+    "cached_covariance", "check_gate", "estimate_covariance", "export_embedding", "fingerprint", "first_opening",
+    "gate", "load_concept", "ridge_inverse", "save_concept", "similarity",
 ]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .envelope import MAX_LAYERS, MAX_STEPS, MAX_VECTORS, MAX_WIDTH
+from .envelope import MAX_LAYERS, MAX_STEPS, MAX_VECTORS, MAX_WIDTH, MAX_WINDOW
 from .settings import BETA, GLOBAL, LOCAL, PAPER_GATES, TAU
 
 # Text encoders the format knows, by the width of the encodings they feed cross-attention. SDXL concatenates the
@@ -35,6 +35,8 @@ class Concept:
     (stored so inference needs no C), ``superclass_encoding`` is ``e_sup`` (key locking recomputes
     ``o_K = W_K e_sup`` from the host's weights), ``value_outputs`` the learned ``o_V`` per cross-attention
     layer, ``key_outputs`` the ``o_K`` of a trained-K concept (paper's ablation, Fig. 9b) or None.
+    ``gate_window``: 0 for Eq. 3's gate; else the text encoder's window the concept was trained with first-opening
+    gates over (``stack.first_opening``), which inference then uses too.
     """
 
     trigger: str
@@ -55,6 +57,7 @@ class Concept:
     encoder_fingerprint: str = ""
     model_family: str = "sd15"
     clip_layer: int = -1
+    gate_window: int = 0
     info: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -128,6 +131,7 @@ class Concept:
         for kind in PAPER_GATES:
             beta, tau = (self.train_beta, self.train_tau) if kind == "train" else self.recommended(kind)
             check_gate(beta, tau, what=f"{kind} gate")
+        check_window(self.gate_window)
         return self
 
     def check_width(self, width: int) -> None:
@@ -217,6 +221,12 @@ def check_gate(beta: float, tau: float, what: str = "gate") -> None:
         raise ConceptError(f"{what}: β = {beta} is outside {BETA} (the similarity of the concept to itself is 1)")
     if tau not in TAU:
         raise ConceptError(f"{what}: τ = {tau} must be in {TAU}; τ = 0 would make the gate a hard step")
+
+
+def check_window(window: int) -> None:
+    """Refuse a first-opening gate window other than 0 (Eq. 3's gate) or 1 to ``MAX_WINDOW`` tokens."""
+    if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= MAX_WINDOW:
+        raise ConceptError(f"gate window {window!r} must be 0 (the paper's gate) or 1 to {MAX_WINDOW} tokens")
 
 
 def _check_tensor(tensor: Tensor, name: str, shape: tuple[int, ...]) -> None:

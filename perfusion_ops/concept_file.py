@@ -44,7 +44,7 @@ def concept_to_bytes(concept: Concept, dtype: torch.dtype = torch.float16,
                **concept.learned}
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
     version = 1  # what a concept without a state needs: packs that read only version 1 still load it
-    metadata = {"format": FORMAT, "clip_layer": str(concept.clip_layer),
+    metadata = {"format": FORMAT, "clip_layer": str(concept.clip_layer), "gate_window": str(concept.gate_window),
                 "layers": json.dumps(concept.layers)}  # safetensors sorts tensor names; keep the UNet order
     if state is not None:
         state.validate(concept)
@@ -127,6 +127,7 @@ def _parse(data: bytes, name: str) -> tuple[Concept, TrainingState | None]:
     try:
         scalars = {key: float(metadata[key]) for key in _FLOATS}
         clip_layer = int(metadata.get("clip_layer", "-1"))
+        gate_window = int(metadata.get("gate_window", "0"))  # files from before first-opening gates: Eq. 3's
     except ValueError as err:
         raise ConceptError(f"'{name}' has an unreadable setting: {err}") from None
     outputs = {prefix: {k[len(prefix) + 1 :]: t for k, t in tensors.items() if k.startswith(prefix + ".")}
@@ -146,6 +147,7 @@ def _parse(data: bytes, name: str) -> tuple[Concept, TrainingState | None]:
         value_outputs=outputs["o_v"],
         key_outputs=outputs["o_k"] or None,
         clip_layer=clip_layer,
+        gate_window=gate_window,
         info={k[5:]: v for k, v in metadata.items() if k.startswith("info.")},
         **{key: metadata[key] for key in _WORDS},
         **scalars,

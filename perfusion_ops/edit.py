@@ -55,7 +55,8 @@ class JointEdit:
 
     A concept at strength 0 takes no part (``applied`` keeps it, ``active`` does not): the remainder of Eq. 10 would
     still remove its target input from every encoding, so the edit is built from the others alone and is exactly the
-    edit without it. With no concept left, ``shared`` is None and every projection is the host's own."""
+    edit without it. With no concept left, ``shared`` is None and every projection is the host's own. Each concept's
+    gate is the one it was trained with: Eq. 3's, or first-opening over its ``gate_window``."""
 
     def __init__(self, applied: list[AppliedConcept], gated: bool = True):
         if not applied:
@@ -80,6 +81,7 @@ class JointEdit:
             torch.tensor([entry.tau for entry in self.active]),
             gated=gated,
             strength=[entry.strength for entry in self.active],
+            windows=[c.gate_window for c in concepts],
         )
         self.shared = SharedContext(stack, torch.stack([c.superclass_encoding for c in concepts]))
         self.locked = torch.tensor([entry.lock == LOCAL for entry in self.active])

@@ -24,6 +24,7 @@ and the tensors
   ``<name>`` (``embedding``, ``o_v.<layer>``, ``o_k.<layer>``) of the file's shape, one for each and no other.
 
 A concept without a state is written as format version 1, so packs that read only version 1 still load it.
+Its metadata ``gate_window``, 0 to ``MAX_WINDOW``, says whether it was trained with first-opening gates (absent: 0).
 
 A concept of SD1.5 holds 20 tensors (36 with trained K) in about 30 KB, and with its training state (float32) 38 in
 about 170 KB; the bounds leave room for larger model families (SDXL: 70 layers) while refusing files that could only
@@ -42,6 +43,7 @@ MAX_VECTORS = 8  # Perfusion learns one vector per trigger; a few leave room for
 MAX_LAYERS = 128  # cross-attention layers: 16 in SD1.x/2.x, 70 in SDXL
 MAX_WIDTH = 8192  # of a text encoding, a token embedding or a layer's output
 MAX_STEPS = 10_000  # optimizer steps of one concept, resumed runs included (Train's steps widget)
+MAX_WINDOW = 4096  # tokens of a text encoder's window for first-opening gates (CLIP: 77); 0 is Eq. 3's gate
 MAX_TENSORS = 4 + 2 * MAX_LAYERS + 2 + 2 * MAX_LAYERS  # embedding, i, q, e_sup, o_v/o_k per layer; state: losses,
 #   moments of the embedding and of each o_v/o_k
 MAX_HEADER_BYTES = 128 * 2**10  # the largest concept above needs about 75 KB (SD1.5: 3 KB, 8 KB with state)

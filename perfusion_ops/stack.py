@@ -23,6 +23,25 @@ def gate(s: Tensor, beta: Tensor, tau: Tensor) -> Tensor:
     return torch.sigmoid((s - beta) / tau)
 
 
+def first_opening(gates: Tensor, window: int) -> Tensor:
+    """Each concept's gate kept where it first opens: ``g'_t = g_t · Π_{u<t} (1 − g_u²)`` along the token axis of
+    ``gates`` ``(..., T, J)``, restarting every ``window`` tokens (a text encoder's window: 77 for CLIP; the last
+    window may be shorter).
+
+    Why: a causal text encoder (CLIP) writes a trigger into every token after it, so Eq. 3's gate on the encoding
+    alone also opens on the words after the trigger — on a second concept's trigger too (measured in the tiny world:
+    s up to 1.09 after the trigger). No token before a trigger can carry it, so the first token that opens the gate
+    is the trigger itself, and every open gate shuts the later ones: by 1 − g², a fifth left after a gate of 0.9,
+    geometrically less after each further open one. Squared, so that the sigmoid's tail does not add up over a long
+    prompt: ordinary tokens open Eq. 3's gate by σ(−β/τ) (0.009 at β 0.7, τ 0.15; 0.07 at β 0.4), 10⁻⁴ to 0.005
+    squared. One trigger per concept and window is assumed."""
+    t = gates.shape[-2]
+    g = torch.nn.functional.pad(gates, (0, 0, 0, -t % window)).unflatten(-2, (-1, window))
+    shut = torch.cumprod(1 - g.square(), -2)
+    before = torch.cat([torch.ones_like(shut[..., :1, :]), shut[..., :-1, :]], -2)
+    return (g * before).flatten(-3, -2)[..., :t, :]
+
+
 class ConceptStack:
     """``I``, ``Q``, ``β``, ``τ`` of J concepts and the factor of their coupling matrix, computed once.
 
@@ -36,9 +55,13 @@ class ConceptStack:
     ``strength`` (J,) scales each concept's whole term: the edit is ``h = W e + Σ_j s_j Δ_j`` with
     ``Δ_j = g_j o_j − c_j W r_j`` (``c = e Qᵀ``, ``r_j`` the rows of R), i.e. ``e⊥ = e − (c ⊙ s) R`` and gates
     ``s_j g_j``. s = 1 (the default) is the paper's edit, s = 0 leaves the host projection bit for bit.
+
+    ``windows`` (J,): 0 for Eq. 3's gate on every token, or a causal text encoder's window length for the gate kept
+    where it first opens in each window (:func:`first_opening`); the concepts that have one share it. The remainder
+    ``e⊥`` is the same either way.
     """
 
-    def __init__(self, inputs: Tensor, keys: Tensor, beta, tau, gated: bool = True, strength=None):
+    def __init__(self, inputs: Tensor, keys: Tensor, beta, tau, gated: bool = True, strength=None, windows=None):
         inputs, keys = inputs.detach().float(), keys.detach().float()
         if inputs.ndim != 2 or inputs.shape != keys.shape:
             raise ValueError(f"target inputs {tuple(inputs.shape)} and keys {tuple(keys.shape)} must both be (J, D)")
@@ -51,6 +74,13 @@ class ConceptStack:
             strengths = None  # all 1: the plain edit, without the extra products
         if not bool(torch.all(tau > 0)):
             raise ValueError(f"gate temperature τ must be > 0, got {tau.tolist()}")
+        windows = [0] * inputs.shape[0] if windows is None else [int(w) for w in windows]
+        if len(windows) != inputs.shape[0] or min(windows) < 0 or len(set(windows) - {0}) > 1:
+            raise ValueError(f"need one gate window per concept, 0 or one shared length, got {windows}")
+        self.window = max(windows)
+        if self.window and not gated:
+            raise ValueError("first-opening gates need the sigmoid gate")
+        self.opening = None if min(windows) else torch.tensor(windows) > 0  # the concepts with one, if not all
         coupling = keys.double() @ inputs.double().T  # M_ab = q_a·i_b, J×J
         try:
             basis = torch.linalg.solve(coupling.T, inputs.double())
@@ -80,6 +110,9 @@ class ConceptStack:
         projections = e @ keys.T  # e·q_j
         s = projections / energy
         gates = gate(s, beta, tau) if self.gated else s
+        if self.window:
+            opened = first_opening(gates, self.window)
+            gates = opened if self.opening is None else torch.where(self.opening.to(e.device), opened, gates)
         if strengths is not None:
             return e - (projections * strengths) @ basis, gates, gates * strengths
         return e - projections @ basis, gates, gates

@@ -20,7 +20,7 @@ from typing import Callable, ContextManager, Protocol
 import torch
 from torch import Tensor
 
-from .concept import Concept, ConceptError, TrainingState, check_gate, learned_tensors
+from .concept import Concept, ConceptError, TrainingState, check_gate, check_window, learned_tensors
 from .edit import AppliedConcept, JointEdit
 from .envelope import MAX_STEPS
 from .projection import Projection
@@ -70,6 +70,7 @@ class TrainSettings:
     train_tau: float = PAPER_GATES["train"][1]
     ema_decay: float = 0.99
     trained_k: bool = False  # the paper's ablation (Fig. 9b): learn o_K instead of locking it
+    gate_window: int = 0  # first-opening gates over the text encoder's window (stack.first_opening); 0: Eq. 3's
     seed: int = 0
     templates: tuple[str, ...] = TEMPLATES
 
@@ -93,6 +94,7 @@ class TrainSettings:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         check_gate(self.train_beta, self.train_tau, what="training gate")
+        check_window(self.gate_window)
         return self
 
 
@@ -130,7 +132,7 @@ class ConceptParameters(torch.nn.Module):
             target_input=i, target_key=self.inverse_covariance @ i, superclass_encoding=self.superclass_encoding,
             value_outputs=dict(zip(self.layers, self.values)),
             key_outputs=None if self.keys is None else dict(zip(self.layers, self.keys)),
-            train_beta=settings.train_beta, train_tau=settings.train_tau, **fields,
+            train_beta=settings.train_beta, train_tau=settings.train_tau, gate_window=settings.gate_window, **fields,
         )
 
 
@@ -231,7 +233,8 @@ class Trainer:
                 ("superclass", words(concept.superclass), words(self.superclass)),
                 ("text width", concept.width, self.params.target_input.shape[0]),
                 ("CLIP layer", concept.clip_layer, self.fields.get("clip_layer", concept.clip_layer)),
-                ("K mode", k_mode(concept.trained_keys), k_mode(self.settings.trained_k))):
+                ("K mode", k_mode(concept.trained_keys), k_mode(self.settings.trained_k)),
+                ("gate window", concept.gate_window, self.settings.gate_window)):
             if theirs != mine:
                 raise ConceptError(f"its {what} is '{theirs}' where this run's is '{mine}'")
         widths = {layer: t.shape[0] for layer, t in concept.value_outputs.items()}

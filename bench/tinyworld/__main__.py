@@ -15,9 +15,9 @@
    errors; lock_gain has a bootstrap standard error and a verdict that must hold in every run.
 
 Run: .venv/bin/python -m bench.tinyworld --threads 2   (trains the world on first use; ``--quick``: smoke run;
-``--variant``: also the leak-aware gate metric of ``variants.py``). On an idle 2-core machine two threads train the
-world 1.6× faster than one; on one shared with other jobs, use one (two threads wait on each other). Results are
-bit-identical for a given thread count, which is part of the world's key.
+``--no-first-opening``: without the concepts trained and applied with first-opening gates). On an idle 2-core
+machine two threads train the world 1.6× faster than one; on one shared with other jobs, use one (two threads wait
+on each other). Results are bit-identical for a given thread count, which is part of the world's key.
 Writes under --out: results.md (tables), results.json, pareto.png, samples.png, log.txt; last line is the summary.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ from bench.common import machine
 from perfusion_ops.covariance import ridge_inverse
 from perfusion_ops.edit import AppliedConcept, JointEdit
 from perfusion_ops.gate_choice import choose_gate
-from perfusion_ops.stack import gate, similarity
-from perfusion_ops.training import TEMPLATES, TrainSettings, run
+from perfusion_ops.stack import similarity
+from perfusion_ops.training import TEMPLATES, TrainSettings
 
 from . import render as R
 from . import report
@@ -46,7 +46,6 @@ from .host import TinyWorldHost, concept_images, drawer, train_concept, train_em
 from .measure import SMALL_AREA, analyse, colour_fidelity, outline_score, template_shape
 from .stats import bootstrap_gain, front_gain, mean_se, summarise, verdict
 from .train_world import WorldSettings, build_world, load_world, world_path
-from .variants import LeakAwareTrainer, LeakMetric
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,6 +80,8 @@ NAMED = ("yellow triangle", "blue diamond")  # ordinary objects beside a concept
 
 
 AUTOMATIC = "key-locked, automatic β"  # the gate Train Concept recommends (issue 12)
+WINDOW = 32  # the tiny CLIP's context: every prompt is one window of the first-opening gate
+FIRST, FIRST_K = "key-locked, first-opening", "trained-K, first-opening"  # concepts with first-opening gates
 
 
 def trigger_prompts(trigger: str, count: int, seed: int) -> list[str]:
@@ -235,7 +236,7 @@ class Bench:
         return {k: float(np.mean(v)) for k, v in shares.items()}
 
     def gate_tables(self, host: TinyWorldHost, applied: list[AppliedConcept], prompts: list[str]) -> list[dict]:
-        """Per prompt and token: each concept's similarity s (Eq. 3) and gate g."""
+        """Per prompt and token: each concept's similarity s (Eq. 3) and gate g (first-opening where trained so)."""
         stack = JointEdit(applied).shared.stack
         out = []
         for prompt in prompts:
@@ -244,7 +245,7 @@ class Bench:
             e = context[0, : len(names)]
             s = similarity(e.float(), stack.inputs, stack.keys)
             out.append({"prompt": prompt, "tokens": names, "s": s.numpy().round(3).tolist(),
-                        "g": gate(s, stack.beta, stack.tau).numpy().round(3).tolist(),
+                        "g": stack.split(e)[1].numpy().round(3).tolist(),
                         "slots": {t: v[0][0] for t, v in slots.items()}})
         return out
 
@@ -336,19 +337,19 @@ class Bench:
         compositions = {"paper": self.composition(host, pair, refs, eval_seed, r, "paper", grids)}
         automatic = [AppliedConcept(trained[("locked", t)], g.beta_local, g.tau_local) for t, g in gates.items()]
         compositions["automatic β"] = self.composition(host, automatic, refs, eval_seed, r, "automatic β", grids)
-        if a.variant:  # the proposed core change (variants.py), trained and measured beside the paper's trainer
-            leak = {}
-            for trigger, (_, superclass) in CONCEPTS.items():
+        if a.first_opening:  # the gate kept where it first opens (stack.first_opening), in training and inference
+            opened = {}
+            for name, trigger, trained_k in ((FIRST, "sks", False), (FIRST_K, "sks", True), (FIRST, "zwx", False)):
                 c0 = time.time()
-                metric = LeakMetric(covariance, trigger_prompts(trigger, a.leak_prompts, seed))
-                trainer = LeakAwareTrainer(host, trigger, superclass, ts, {"text_encoder": host.text.name}, metric)
-                leak[trigger] = trained[("leak-aware C", trigger)] = run(trainer, data[trigger]).concept
-                self.log(f"[tinyworld] run {r}: trained {trigger} (locked, leak-aware C) in {time.time() - c0:.0f}s")
-            point("key-locked, leak-aware C", a.beta, "base",
-                  ev(host, "sks", applied=[AppliedConcept(leak["sks"], a.beta, a.tau, "local")]))
-            compositions["leak-aware C"] = self.composition(
-                host, [AppliedConcept(leak[t], a.beta, a.tau) for t in CONCEPTS], refs, eval_seed, r, "leak-aware C",
-                grids)
+                opened[name, trigger] = trained[name, trigger] = train_concept(
+                    host, trigger, CONCEPTS[trigger][1], inverse, data[trigger],
+                    replace(ts, trained_k=trained_k, gate_window=WINDOW))[0]
+                self.log(f"[tinyworld] run {r}: trained {trigger} ({name}) in {time.time() - c0:.0f}s")
+            for name, lock in ((FIRST, "local"), (FIRST_K, "trained-k")):
+                point(name, a.beta, "base",
+                      ev(host, "sks", applied=[AppliedConcept(opened[name, "sks"], a.beta, a.tau, lock)]))
+            compositions[FIRST] = self.composition(host, [AppliedConcept(opened[FIRST, t], a.beta, a.tau)
+                                                          for t in CONCEPTS], refs, eval_seed, r, FIRST, grids)
         base_pair = self.composed_baseline(host, refs, eval_seed)
         superclass_attention = self.attention(host, [], eval_seed, ("square", "circle"))
         self.log(f"[tinyworld] run {r}: attention share of the superclass words from their own half: "
@@ -583,9 +584,8 @@ def parse(argv=None):
     p.add_argument("--beta", type=float, default=0.7,
                    help="β of the headline numbers, 1-shot, multi-concept and transfer")
     p.add_argument("--tau", type=float, default=0.15)
-    p.add_argument("--variant", action="store_true",
-                   help="also train and measure the proposed core change (variants.LeakAwareTrainer)")
-    p.add_argument("--leak-prompts", type=int, default=300, help="captions with the trigger for the variant's C_leak")
+    p.add_argument("--no-first-opening", dest="first_opening", action="store_false",
+                   help="skip the concepts trained and applied with first-opening gates (perfusion_ops.stack)")
     args = p.parse_args(argv)
     if args.quick:
         args.control, args.concept_steps, args.fid_seeds, args.align_seeds, args.multi_seeds = 8, 2, 1, 1, 2

@@ -95,7 +95,6 @@ class TinyWorldHost:
                                           seeds=list(seeds[start: start + batch]), key_context=keys))
         return torch.cat(images)
 
-
     @contextlib.contextmanager
     def attention_by_side(self):
         """Records, at every cross-attention call, how much attention each token gets from the pixels of each half

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def fp16(t):
 
 @pytest.mark.parametrize("trained_k", [False, True])
 def test_round_trip_is_exact_to_fp16_and_small(tmp_path, trained_k):
-    concept = random_concept(seed=1, trained_k=trained_k)
+    concept = replace(random_concept(seed=1, trained_k=trained_k), gate_window=77 if trained_k else 0)
     path = save_concept(concept, tmp_path / "hugsy.safetensors")
     assert path.stat().st_size < 64 * 1024
     back = load_concept(path)
@@ -40,7 +41,8 @@ def test_round_trip_is_exact_to_fp16_and_small(tmp_path, trained_k):
             assert torch.equal(back.key_outputs[layer], fp16(concept.key_outputs[layer]))
     assert back.trained_keys == trained_k
     for field in ("trigger", "superclass", "train_beta", "train_tau", "beta_local", "tau_local", "beta_global",
-                  "tau_global", "text_encoder", "encoder_fingerprint", "model_family", "clip_layer", "info"):
+                  "tau_global", "text_encoder", "encoder_fingerprint", "model_family", "clip_layer", "gate_window",
+                  "info"):
         assert getattr(back, field) == getattr(concept, field)
 
 
@@ -97,6 +99,9 @@ def _many_layers(t, m, count):
         (lambda t, m: m.update(format_version="0"), f"format version 0: .*versions 1 to {FORMAT_VERSION}"),
         (lambda t, m: m.update(format_version="-3"), "format version -3"),
         (lambda t, m: m.update(format_version="1.5"), "unreadable format version"),
+        (lambda t, m: m.update(gate_window="-1"), "gate window -1 must be 0"),
+        (lambda t, m: m.update(gate_window="5000"), "gate window 5000 must be 0 .* or 1 to 4096"),
+        (lambda t, m: m.update(gate_window="77.5"), "unreadable setting"),
         (lambda t, m: t.update(embedding=torch.zeros(10_000, 768, dtype=torch.float16)), "10000 embedding vectors"),
         (lambda t, m: t.update(embedding=torch.zeros(0, 768, dtype=torch.float16)), "0 embedding vectors"),
         (lambda t, m: t.update(embedding=torch.zeros(768, dtype=torch.float16)), "embedding must have shape"),

@@ -137,6 +137,7 @@ def test_each_step_draws_from_streams_of_its_seed_and_number():
     (lambda c: replace(c, trigger="kitto"), "trigger word is 'kitto' where this run's is 'hugsy'"),
     (lambda c: replace(c, superclass="cat"), "superclass is 'cat' where this run's is 'teddy'"),
     (lambda c: replace(c, clip_layer=-2), "CLIP layer is '-2' where this run's is '-1'"),
+    (lambda c: replace(c, gate_window=8), "gate window is '8' where this run's is '0'"),
     (lambda c: replace(c, key_outputs=dict(c.value_outputs)),
      "K mode is 'trained K' where this run's is 'keys locked'"),
     (lambda c: replace(c, value_outputs={"first": c.value_outputs["first"]}), "1 cross-attention layers are not"),
