@@ -5,7 +5,8 @@ training, ``s(e) = (e·q)/(i·q)`` (Eq. 2) is measured at the trigger in held-ou
 the one that must still open) and at every other token (the highest must stay shut): the tokens of prompts without
 the trigger (captions, and the held-out prompts with the superclass word in its place) and the tokens *after* the
 trigger in the held-out prompts, into which a causal text encoder copies it (a gate open there spreads the concept
-over the rest of the prompt, and onto a second concept's trigger). Between the two lies a gap:
+over the rest of the prompt, and onto a second concept's trigger) — unless the concept has first-opening gates
+(``stack.first_opening``), which the trigger itself shuts for those words. Between the two lies a gap:
 
 - local key lock: β in its middle, τ so that the gate is ``OPEN`` at the lowest trigger and ``1 − OPEN`` at the
   highest other token: ``β = (lo + hi)/2``, ``τ = (hi − lo) / (2·logit(OPEN))``;
@@ -55,11 +56,12 @@ class GateChoice:
     beta_global: float
     tau_global: float
     chosen: bool
+    following_shut: bool = False  # first-opening gates: the trigger shuts the words after it
 
     @property
     def shut_high(self) -> float:
-        """The highest s where the gate must stay shut: without the trigger, or after it."""
-        return max(self.other_high, self.following_high)
+        """The highest s where the gate must stay shut: without the trigger, and after it unless already shut."""
+        return self.other_high if self.following_shut else max(self.other_high, self.following_high)
 
     @property
     def gap(self) -> float:
@@ -69,9 +71,9 @@ class GateChoice:
         """One console line: what was measured and what was chosen."""
         measured = (f"s at '{trigger}' {self.trigger_low:.2f}–{self.trigger_mean:.2f} (lowest–mean, held-out "
                     f"prompts), at other tokens up to {self.other_high:.2f}, after the trigger up to "
-                    f"{self.following_high:.2f}")
+                    f"{self.following_high:.2f}" + (" (shut there by first-opening gates)" * self.following_shut))
         if not self.chosen:
-            copied = self.other_high < self.trigger_low - MIN_GAP  # only the words after the trigger close the gap
+            copied = not self.following_shut and self.other_high < self.trigger_low - MIN_GAP  # only the later words
             why = ("the words after the trigger carry it as strongly as the trigger itself "
                    "(the text encoder is causal)"
                    if copied else "the trigger does not stand out from other words yet: train more steps")
@@ -130,11 +132,12 @@ def choose_gate(concept: Concept, encode: Callable[[list[str], str, Tensor], tup
     s_other = torch.cat([s(encode_plain(plain[k:k + batch_size])).flatten() for k in range(0, len(plain), batch_size)])
     after = float(s_context[following].max()) if bool(following.any()) else -math.inf
     low, other = float(s_trigger.min()), float(s_other.max())
-    chosen = gate_from_gap(low, max(other, after))
+    following_shut = concept.gate_window > 0
+    chosen = gate_from_gap(low, other if following_shut else max(other, after))
     if chosen is None:
         (beta_local, tau_local), (beta_global, tau_global) = concept.recommended(LOCAL), concept.recommended(GLOBAL)
     else:
         beta_local, beta_global, tau_local = chosen
         tau_global = tau_local
     return GateChoice(low, float(s_trigger.mean()), other, after, beta_local, tau_local, beta_global, tau_global,
-                      chosen is not None)
+                      chosen is not None, following_shut)

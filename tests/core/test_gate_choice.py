@@ -89,6 +89,17 @@ def test_a_trigger_copied_into_later_tokens_above_itself_leaves_no_gap():
     assert "no gap: the words after the trigger carry it as strongly as the trigger itself" in choice.describe("x")
 
 
+def test_first_opening_concepts_need_the_gap_to_the_other_prompts_tokens_only():
+    """The trigger shuts a first-opening gate for the words after it, so they do not close the gap."""
+    concept = axis_concept()
+    concept.gate_window = 77
+    encode, encode_plain = fake_encoders([0.6, 0.7], [0.65], [0.2])
+    choice = choose_gate(concept, encode, encode_plain, ["x"], prompts=("a {}", "b {}"))
+    assert choice.chosen and choice.shut_high == pytest.approx(0.2) and choice.gap == pytest.approx(0.4)
+    assert (choice.beta_local, choice.beta_global) == pytest.approx(gate_from_gap(0.6, 0.2)[:2])
+    assert "after the trigger up to 0.65 (shut there by first-opening gates) → β 0.40" in choice.describe("x")
+
+
 def test_without_a_gap_the_paper_gate_is_kept_and_the_line_says_what_to_do():
     concept = axis_concept()
     encode, encode_plain = fake_encoders([0.5, 0.6], [0.3], [0.55])
