@@ -15,9 +15,10 @@
    errors; lock_gain has a bootstrap standard error and a verdict that must hold in every run.
 
 Run: .venv/bin/python -m bench.tinyworld --threads 2   (trains the world on first use; ``--quick``: smoke run;
-``--no-first-opening``: without the concepts trained and applied with first-opening gates). On an idle 2-core
-machine two threads train the world 1.6× faster than one; on one shared with other jobs, use one (two threads wait
-on each other). Results are bit-identical for a given thread count, which is part of the world's key.
+``--no-first-opening``, ``--no-slot-context``: without the concepts trained and applied with first-opening gates, or
+with each trigger confined to its own token, ``variants.py``). On an idle 2-core machine two threads train the world
+1.6× faster than one; on one shared with other jobs, use one (two threads wait on each other). Results are
+bit-identical for a given thread count and CPU, which are part of the world's key (the thread count) or its timings.
 Writes under --out: results.md (tables), results.json, pareto.png, samples.png, log.txt; last line is the summary.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .host import TinyWorldHost, concept_images, drawer, train_concept, train_em
 from .measure import SMALL_AREA, analyse, colour_fidelity, outline_score, template_shape
 from .stats import bootstrap_gain, front_gain, mean_se, summarise, verdict
 from .train_world import WorldSettings, build_world, load_world, world_path
+from .variants import SlotContextHost
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,6 +84,7 @@ NAMED = ("yellow triangle", "blue diamond")  # ordinary objects beside a concept
 AUTOMATIC = "key-locked, automatic β"  # the gate Train Concept recommends (issue 12)
 WINDOW = 32  # the tiny CLIP's context: every prompt is one window of the first-opening gate
 FIRST, FIRST_K = "key-locked, first-opening", "trained-K, first-opening"  # concepts with first-opening gates
+SLOT = "key-locked, trigger's slot only"  # variants.SlotContextHost
 
 
 def trigger_prompts(trigger: str, count: int, seed: int) -> list[str]:
@@ -350,6 +353,14 @@ class Bench:
                       ev(host, "sks", applied=[AppliedConcept(opened[name, "sks"], a.beta, a.tau, lock)]))
             compositions[FIRST] = self.composition(host, [AppliedConcept(opened[FIRST, t], a.beta, a.tau)
                                                           for t in CONCEPTS], refs, eval_seed, r, FIRST, grids)
+        if a.slot_context:  # each trigger confined to its own token (variants.py), in training and inference
+            confined = SlotContextHost(host, {t: superclass for t, (_, superclass) in CONCEPTS.items()})
+            for trigger, (_, superclass) in CONCEPTS.items():
+                trained[SLOT, trigger] = train_concept(confined, trigger, superclass, inverse, data[trigger], ts)[0]
+            point(SLOT, a.beta, "base",
+                  ev(confined, "sks", applied=[AppliedConcept(trained[SLOT, "sks"], a.beta, a.tau)]))
+            compositions[SLOT] = self.composition(confined, [AppliedConcept(trained[SLOT, t], a.beta, a.tau)
+                                                             for t in CONCEPTS], refs, eval_seed, r, SLOT, grids)
         base_pair = self.composed_baseline(host, refs, eval_seed)
         superclass_attention = self.attention(host, [], eval_seed, ("square", "circle"))
         self.log(f"[tinyworld] run {r}: attention share of the superclass words from their own half: "
@@ -586,6 +597,8 @@ def parse(argv=None):
     p.add_argument("--tau", type=float, default=0.15)
     p.add_argument("--no-first-opening", dest="first_opening", action="store_false",
                    help="skip the concepts trained and applied with first-opening gates (perfusion_ops.stack)")
+    p.add_argument("--no-slot-context", dest="slot_context", action="store_false",
+                   help="skip the concepts trained and applied with each trigger confined to its token (variants.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.control, args.concept_steps, args.fid_seeds, args.align_seeds, args.multi_seeds = 8, 2, 1, 1, 2

@@ -143,7 +143,8 @@ def write(out: Path, results: dict, grids, log_lines: list[str]) -> None:
 STYLES = {("key-locked", "base"): "blue", ("trained-K", "base"): "red", ("embedding only (TI)", "base"): "green",
           ("superclass only", "base"): "gray", ("key-locked 1-shot", "base"): "purple",
           ("key-locked, first-opening", "base"): "magenta",
-          ("trained-K, first-opening", "base"): "pink", ("key-locked, automatic β", "base"): "brown",
+          ("trained-K, first-opening", "base"): "pink", ("key-locked, trigger's slot only", "base"): "olive",
+          ("key-locked, automatic β", "base"): "brown",
           ("key-locked", "finetuned"): "cyan", ("trained-K", "finetuned"): "orange",
           ("superclass only", "finetuned"): "black"}
 

@@ -11,10 +11,11 @@ import torch
 
 from bench.tinyworld import render as R
 from bench.tinyworld.clip import TinyCLIP, clip_batch, zero_shot
-from bench.tinyworld.host import superclass_prompt
+from bench.tinyworld.host import TinyWorldHost, superclass_prompt
 from bench.tinyworld.measure import outline_score
 from bench.tinyworld.model import TinyUNet, cross_attention_maps
 from bench.tinyworld.train_world import WorldSettings, localisation_loss, object_tokens, text_encoder
+from bench.tinyworld.variants import SlotContextHost
 from perfusion_ops.concept import Concept
 from tinyworld_fixtures import one_thread  # noqa: F401 (autouse)
 
@@ -173,3 +174,28 @@ def test_tiny_clip_is_trained_once_and_shared_by_worlds_that_differ_after_it(tmp
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()))
     text_encoder(tmp_path, replace(settings, clip_steps=3), log=lambda m: None)  # another CLIP: another file
     assert len(list(tmp_path.glob("clip-*.safetensors"))) == 2
+
+
+def test_slot_context_keeps_each_trigger_on_its_own_token_and_the_superclass_prompt_elsewhere(clip):
+    """variants.SlotContextHost: the real encoding at each trigger (and before it: causal), the superclass prompt's
+    after it, in training (one trigger, differentiable) and at inference (two)."""
+    unet = TinyUNet(16, 32, context_dim=32, heads=4).eval()
+    host = SlotContextHost(TinyWorldHost(unet, clip), {"sks": "square", "zwx": "circle"})
+    vector = torch.nn.Parameter(torch.randn(1, 32))
+    prompt = "on the left a photo of a sks and on the right a zwx"
+    real, _, slots = clip.encode([prompt], "sks", vector)
+    confined, at_trigger = host.encode([prompt], "sks", vector)
+    plain = clip.encode(["on the left a photo of a square and on the right a circle"])[0]
+    k = slots[0][0]
+    assert torch.equal(confined[0, : k + 1], real[0, : k + 1]) and torch.equal(at_trigger[0], real[0, k])
+    assert torch.equal(confined[0, k + 1:], plain[0, k + 1:]) and not torch.allclose(plain[0, k + 1:], real[0, k + 1:])
+    (confined[0, k] * torch.randn(32)).sum().backward()  # (an LN output sums to its bias)
+    assert vector.grad is not None and float(vector.grad.abs().sum()) > 0
+    e = torch.randn(32)
+    concepts = [Concept(t, w, torch.randn(1, 32), e, e, e, {"l": e})
+                for t, w in (("sks", "square"), ("zwx", "circle"))]
+    both, slots = host.context([prompt], concepts)
+    real, _ = TinyWorldHost(unet, clip).context([prompt], concepts)
+    trigger = torch.zeros(both.shape[1], dtype=torch.bool)
+    trigger[[slots["sks"][0][0], slots["zwx"][0][0]]] = True
+    assert torch.equal(both[0, trigger], real[0, trigger]) and torch.equal(both[0, ~trigger], plain[0, ~trigger])
