@@ -22,7 +22,8 @@ def describe(path: Path) -> str:
         f"layers          {len(c.value_outputs)} cross-attention layers (widths {', '.join(map(str, widths))})",
         f"key pathway     {'trained K (no key lock)' if c.trained_keys else 'key-locked to the superclass'}",
         f"embedding       {c.embedding.shape[0]} vector(s) of {c.embedding.shape[1]}",
-        f"training gate   beta {c.train_beta:g}, tau {c.train_tau:g}",
+        f"training gate   beta {c.train_beta:g}, tau {c.train_tau:g}, "
+        + (f"first-opening over {c.gate_window}-token windows" if c.gate_window else "on every token (Eq. 3)"),
         f"recommended     local lock: beta {c.beta_local:g}, tau {c.tau_local:g}; "
         f"global lock: beta {c.beta_global:g}, tau {c.tau_global:g}",
     ]

@@ -384,6 +384,9 @@ def test_cli_info_and_export(tmp_path, concept):
     assert info.returncode == 0, info.stderr
     assert "trigger         hugsy" in info.stdout and "16 cross-attention layers" in info.stdout
     assert f"({path.stat().st_size / 1024:.1f} KB)" in info.stdout
+    assert "training gate   beta 0.75, tau 0.1, on every token (Eq. 3)" in info.stdout, info.stdout
+    opening = save_concept(replace(concept, gate_window=77), tmp_path / "opening.safetensors")
+    assert "tau 0.1, first-opening over 77-token windows" in run("info", str(opening)).stdout
     out = tmp_path / "emb.safetensors"
     assert run("export-embedding", str(path), str(out)).returncode == 0
     assert load_file(out)["emb_params"].shape == (1, 768)
