@@ -109,20 +109,40 @@ def test_chaining_is_order_free_and_equals_the_core_joint_edit(comfy, loaded, co
     context[0, 5] = a.target_input
     context[1, 7] = b.target_input
     got_ab, got_ba = projections(comfy, ab, context), projections(comfy, ba, context)
-    joint = JointEdit([AppliedConcept(a, 0.6, 0.15), AppliedConcept(b, 0.7, 0.2)])
-    comfy.model_management.load_models_gpu([model])
-    unet = model.model.diffusion_model
+    assert_core_edit(comfy, model, got_ab, [AppliedConcept(a, 0.6, 0.15), AppliedConcept(b, 0.7, 0.2)], context)
     for layer, (k, v) in got_ab.items():
-        attention = unet.get_submodule(layer)
-        with torch.inference_mode():
-            want_k = joint.projection(layer, "k",
-                                      lambda x: torch.nn.functional.linear(x, attention.to_k.weight))(context)
-            want_v = joint.projection(layer, "v",
-                                      lambda x: torch.nn.functional.linear(x, attention.to_v.weight))(context)
-        assert torch.allclose(k, want_k, atol=1e-5, rtol=1e-5) and torch.allclose(v, want_v, atol=1e-5, rtol=1e-5)
         assert torch.allclose(got_ba[layer][0], k, atol=1e-5) and torch.allclose(got_ba[layer][1], v, atol=1e-5)
     again = apply(comfy, ab, clip, a, 0.6, 0.15)[0]  # the same concept again replaces, never doubles
     assert [e.concept.trigger for e in comfy.adapter.patching.applied_concepts(again)] == ["zorbo", "hugsy"]
+
+
+def assert_core_edit(comfy, model, got, applied, context):
+    """``got`` (per layer, K and V of a patched clone of ``model``) is the core's joint edit of ``applied``."""
+    joint = JointEdit(applied)
+    comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    for layer, pair in got.items():
+        attention = unet.get_submodule(layer)
+        for path, have in zip("kv", pair):
+            weight = getattr(attention, f"to_{path}").weight
+            with torch.inference_mode():
+                want = joint.projection(layer, path, lambda x: torch.nn.functional.linear(x, weight))(context)
+            assert torch.allclose(have, want, atol=1e-5, rtol=1e-5), (layer, path)
+
+
+def test_a_first_opening_concept_opens_its_gate_at_its_trigger_only(comfy, loaded, concept_files):
+    """A concept file trained with first-opening gates (gate_window 77) is applied with them, as the core computes
+    them: the trigger gets the concept, a later token that carries the trigger again does not (Eq. 3's gate would)."""
+    model, clip = loaded
+    concept = replace(concept_files.concept("hugsy"), gate_window=77)
+    context = torch.randn(1, 77, 768) * 0.5
+    context[0, 5] = context[0, 9] = concept.target_input
+    got = projections(comfy, apply(comfy, model, clip, concept)[0], context)
+    eq3 = projections(comfy, apply(comfy, model, clip, replace(concept, gate_window=0))[0], context)
+    assert_core_edit(comfy, model, got, [AppliedConcept(concept, 0.7, 0.15)], context)
+    for layer, (_, v) in got.items():
+        assert torch.allclose(v[0, 5], eq3[layer][1][0, 5], rtol=0.01, atol=1e-3)  # the trigger: Eq. 3's edit
+        assert not torch.allclose(v[0, 9], eq3[layer][1][0, 9], rtol=0.05, atol=1e-2)  # the copy: shut
 
 
 def test_the_recommended_gate_is_the_concept_files(comfy, loaded, concept_files):
