@@ -62,12 +62,17 @@ class JointEdit:
         if not applied:
             raise ValueError("a joint edit needs at least one concept")
         layers = applied[0].concept.layers
+        windows = {entry.concept.gate_window: entry.concept.trigger for entry in applied if entry.concept.gate_window}
         for entry in applied[1:]:
             if set(entry.concept.layers) != set(layers):
                 raise ConceptError(
                     f"concepts '{applied[0].concept.trigger}' and '{entry.concept.trigger}' edit different "
                     "layers: they were trained for different model families"
                 )
+        if len(windows) > 1:
+            (a, first), (b, second) = list(windows.items())[:2]
+            raise ConceptError(f"concepts '{first}' and '{second}' were trained with first-opening gates over "
+                               f"windows of {a} and {b} tokens: they were trained for different text encoders")
         self.applied, self.layers = list(applied), layers
         self.active = [entry for entry in applied if entry.strength > 0]
         self.shared = self.locked = None

@@ -78,9 +78,14 @@ def test_each_concept_keeps_the_gate_it_was_trained_with():
     mixed = ConceptStack(inputs, keys, 0.7, 0.15, windows=[77, 0]).split(e)[1]
     assert torch.equal(mixed[..., 0], ConceptStack(inputs, keys, 0.7, 0.15, windows=[77, 77]).split(e)[1][..., 0])
     assert torch.equal(mixed[..., 1], ConceptStack(inputs, keys, 0.7, 0.15).split(e)[1][..., 1])
-    a, b = (replace(random_concept(seed=s), gate_window=w) for s, w in ((1, 77), (2, 0)))
+    a = replace(random_concept(seed=1, trigger="hugsy"), gate_window=77)
+    b = random_concept(seed=2, trigger="kitto")
     assert JointEdit([AppliedConcept(a, 0.7, 0.15), AppliedConcept(b, 0.7, 0.15)]).shared.stack.window == 77
     assert JointEdit([AppliedConcept(b, 0.7, 0.15)]).shared.stack.window == 0
+    other = replace(b, gate_window=75)
+    with pytest.raises(ConceptError, match="'hugsy' and 'kitto' were trained with first-opening gates over windows "
+                                           "of 77 and 75 tokens"):
+        JointEdit([AppliedConcept(a, 0.7, 0.15), AppliedConcept(other, 0.7, 0.15)])
 
 
 def test_bad_windows_are_refused():
