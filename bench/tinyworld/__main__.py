@@ -18,7 +18,8 @@ Run: .venv/bin/python -m bench.tinyworld --threads 2   (trains the world on firs
 ``--no-first-opening``, ``--no-slot-context``: without the concepts trained and applied with first-opening gates, or
 with each trigger confined to its own token, ``variants.py``). On an idle 2-core machine two threads train the world
 1.6× faster than one; on one shared with other jobs, use one (two threads wait on each other). Results are
-bit-identical for a given thread count and CPU, which are part of the world's key (the thread count) or its timings.
+bit-identical for a given thread count on a given CPU; the thread count is part of the world's key, the CPU is not
+(the same key built on another CPU gives other weights, and other figures).
 Writes under --out: results.md (tables), results.json, pareto.png, samples.png, log.txt; last line is the summary.
 """
 from __future__ import annotations
@@ -341,17 +342,16 @@ class Bench:
         automatic = [AppliedConcept(trained[("locked", t)], g.beta_local, g.tau_local) for t, g in gates.items()]
         compositions["automatic β"] = self.composition(host, automatic, refs, eval_seed, r, "automatic β", grids)
         if a.first_opening:  # the gate kept where it first opens (stack.first_opening), in training and inference
-            opened = {}
             for name, trigger, trained_k in ((FIRST, "sks", False), (FIRST_K, "sks", True), (FIRST, "zwx", False)):
                 c0 = time.time()
-                opened[name, trigger] = trained[name, trigger] = train_concept(
+                trained[name, trigger] = train_concept(
                     host, trigger, CONCEPTS[trigger][1], inverse, data[trigger],
                     replace(ts, trained_k=trained_k, gate_window=WINDOW))[0]
                 self.log(f"[tinyworld] run {r}: trained {trigger} ({name}) in {time.time() - c0:.0f}s")
             for name, lock in ((FIRST, "local"), (FIRST_K, "trained-k")):
                 point(name, a.beta, "base",
-                      ev(host, "sks", applied=[AppliedConcept(opened[name, "sks"], a.beta, a.tau, lock)]))
-            compositions[FIRST] = self.composition(host, [AppliedConcept(opened[FIRST, t], a.beta, a.tau)
+                      ev(host, "sks", applied=[AppliedConcept(trained[name, "sks"], a.beta, a.tau, lock)]))
+            compositions[FIRST] = self.composition(host, [AppliedConcept(trained[FIRST, t], a.beta, a.tau)
                                                           for t in CONCEPTS], refs, eval_seed, r, FIRST, grids)
         if a.slot_context:  # each trigger confined to its own token (variants.py), in training and inference
             confined = SlotContextHost(host, {t: superclass for t, (_, superclass) in CONCEPTS.items()})
