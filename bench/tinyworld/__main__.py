@@ -15,7 +15,7 @@
    errors; lock_gain has a bootstrap standard error and a verdict that must hold in every run.
 
 Run: .venv/bin/python -m bench.tinyworld --threads 2   (trains the world on first use; ``--quick``: smoke run;
-``--no-first-opening``, ``--no-slot-context``: without the concepts trained and applied with first-opening gates, or
+``--no-first-opening``: without the concepts trained and applied with first-opening gates; ``--slot-context``: also
 with each trigger confined to its own token, ``variants.py``). On an idle 2-core machine two threads train the world
 1.6× faster than one; on one shared with other jobs, use one (two threads wait on each other). Results are
 bit-identical for a given thread count on a given CPU; the thread count is part of the world's key, the CPU is not
@@ -597,8 +597,8 @@ def parse(argv=None):
     p.add_argument("--tau", type=float, default=0.15)
     p.add_argument("--no-first-opening", dest="first_opening", action="store_false",
                    help="skip the concepts trained and applied with first-opening gates (perfusion_ops.stack)")
-    p.add_argument("--no-slot-context", dest="slot_context", action="store_false",
-                   help="skip the concepts trained and applied with each trigger confined to its token (variants.py)")
+    p.add_argument("--slot-context", action="store_true",
+                   help="also train and apply concepts with each trigger confined to its token (variants.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.control, args.concept_steps, args.fid_seeds, args.align_seeds, args.multi_seeds = 8, 2, 1, 1, 2
