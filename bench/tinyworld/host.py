@@ -17,6 +17,7 @@ from perfusion_ops.concept import Concept
 from perfusion_ops.edit import AppliedConcept, JointEdit
 from perfusion_ops.modules import cross_attention_layers, forwards_installed
 from perfusion_ops.training import Sample, TrainSettings, Trainer, masked_noise_loss, add_noise, prompts_for, run
+from perfusion_ops.words import replace_words
 
 from . import render as R
 from .model import TinyUNet, cosine_alphas_cumprod, cross_attention_maps, ddim_sample, fold
@@ -112,8 +113,7 @@ class TinyWorldHost:
 
 def superclass_prompt(prompt: str, concepts: list[Concept]) -> str:
     """The prompt with every trigger word replaced by its concept's superclass word (one token each here)."""
-    words = {c.trigger.lower(): c.superclass for c in concepts}
-    return " ".join(words.get(w.lower(), w) for w in prompt.split())
+    return replace_words(prompt, {c.trigger.lower(): c.superclass for c in concepts})
 
 
 # -- concept data ------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from perfusion_ops.words import replace_words
+
 from .host import TinyWorldHost
 
 
@@ -23,7 +25,7 @@ class SlotContextHost(TinyWorldHost):
 
     def _confined(self, context: Tensor, prompts: list[str], slot: Tensor) -> Tensor:
         """``context`` where ``slot`` (B, L) is true, the superclass prompts' encodings elsewhere."""
-        plain = [" ".join(self.superclasses.get(w.lower(), w) for w in p.split()) for p in prompts]
+        plain = [replace_words(p, self.superclasses) for p in prompts]
         return torch.where(slot[..., None], context, self.text.encode(plain)[0].to(context))
 
     def encode(self, prompts, trigger, vector):
