@@ -49,7 +49,7 @@ def verdict(gain: float, se: float, per_run: list[float], margin: float = 0.05) 
     """Decided when the pooled gain is beyond 2 standard errors and every run agrees in sign; equal when the whole
     ±2 SE interval lies within ±``margin``; otherwise undecided."""
     if abs(gain) > 2 * se and all(np.sign(g) == np.sign(gain) for g in per_run):
-        return f"key lock {'ahead' if gain > 0 else 'behind'} of trained-K at matched fidelity"
+        return f"key lock {'ahead of' if gain > 0 else 'behind'} trained-K at matched fidelity"
     if abs(gain) + 2 * se < margin:
         return f"no difference: |lock_gain| + 2 SE < {margin}"
     return "undecided"
