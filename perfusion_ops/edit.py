@@ -56,9 +56,10 @@ class JointEdit:
     A concept at strength 0 takes no part (``applied`` keeps it, ``active`` does not): the remainder of Eq. 10 would
     still remove its target input from every encoding, so the edit is built from the others alone and is exactly the
     edit without it. With no concept left, ``shared`` is None and every projection is the host's own. Each concept's
-    gate is the one it was trained with: Eq. 3's, or first-opening over its ``gate_window``."""
+    gate is the one it was trained with: Eq. 3's, or first-opening over its ``gate_window``; ``joint_gates`` reads
+    each gate from the concepts' joint coordinates instead of Eq. 4's similarity (:class:`ConceptStack`)."""
 
-    def __init__(self, applied: list[AppliedConcept], gated: bool = True):
+    def __init__(self, applied: list[AppliedConcept], gated: bool = True, joint_gates: bool = False):
         if not applied:
             raise ValueError("a joint edit needs at least one concept")
         layers = applied[0].concept.layers
@@ -87,6 +88,7 @@ class JointEdit:
             gated=gated,
             strength=[entry.strength for entry in self.active],
             windows=[c.gate_window for c in concepts],
+            joint_gates=joint_gates,
         )
         self.shared = SharedContext(stack, torch.stack([c.superclass_encoding for c in concepts]))
         self.locked = torch.tensor([entry.lock == LOCAL for entry in self.active])

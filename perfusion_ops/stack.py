@@ -59,9 +59,16 @@ class ConceptStack:
     ``windows`` (J,): 0 for Eq. 3's gate on every token, or a causal text encoder's window length for the gate kept
     where it first opens in each window (:func:`first_opening`); the concepts that have one share it. The remainder
     ``e⊥`` is the same either way.
+
+    ``joint_gates``: each gate reads ``c_j``, the coordinate of ``e`` along ``i_j`` in the basis of all J target
+    inputs — the very coefficients the remainder removes, ``c = M⁻¹ Q e`` (row form ``c = (e Qᵀ) M⁻ᵀ``) — instead of
+    Eq. 4's ``s_j``. ``c_j(i_k) = δ_jk`` however correlated two concepts' inputs are, so a trigger opens no other
+    concept's gate, and with the linear gate the edit maps every ``i_j`` to ``o_j`` exactly (the rank-J closed
+    form), which Eq. 4 does only for metric-orthogonal inputs. For one concept, or orthogonal ones, ``c = s``.
     """
 
-    def __init__(self, inputs: Tensor, keys: Tensor, beta, tau, gated: bool = True, strength=None, windows=None):
+    def __init__(self, inputs: Tensor, keys: Tensor, beta, tau, gated: bool = True, strength=None, windows=None,
+                 joint_gates: bool = False):
         inputs, keys = inputs.detach().float(), keys.detach().float()
         if inputs.ndim != 2 or inputs.shape != keys.shape:
             raise ValueError(f"target inputs {tuple(inputs.shape)} and keys {tuple(keys.shape)} must both be (J, D)")
@@ -90,25 +97,27 @@ class ConceptStack:
         self.strengths = strengths
         self.energy = torch.diagonal(coupling).float()  # ||i_j||²_{C⁻¹}
         self.basis = basis.float()  # R = M⁻ᵀ I
+        self.dual = torch.linalg.inv(coupling).T.float() if joint_gates else None  # M⁻ᵀ: e·q_j → c_j
         self._device_copies: dict[torch.device, tuple[Tensor, ...]] = {}
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
     def tensors_on(self, device: torch.device) -> tuple[Tensor, ...]:
-        """``(Q, energy, β, τ, R, strengths or None)`` on ``device``; copied once per device (hosts move models)."""
+        """``(Q, energy, β, τ, R, strengths or None, M⁻ᵀ or None)`` on ``device``; copied once per device (hosts
+        move models)."""
         if device not in self._device_copies:
-            tensors = (self.keys, self.energy, self.beta, self.tau, self.basis, self.strengths)
+            tensors = (self.keys, self.energy, self.beta, self.tau, self.basis, self.strengths, self.dual)
             self._device_copies[device] = tuple(None if t is None else t.to(device) for t in tensors)
         return self._device_copies[device]
 
     def split(self, e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(e⊥, g, w)`` in float32 for any ``(..., D)``: the remainder of Eq. 10, the gates of Eq. 3, and the
+        """``(e⊥, g, w)`` in float32 for any ``(..., D)``: the remainder of Eq. 10, the gates of Eq. 3 (or joint), the
         weights of the target outputs, ``w_j = s_j g_j`` (the gates themselves at strength 1)."""
-        keys, energy, beta, tau, basis, strengths = self.tensors_on(e.device)
+        keys, energy, beta, tau, basis, strengths, dual = self.tensors_on(e.device)
         e = e.float()
         projections = e @ keys.T  # e·q_j
-        s = projections / energy
+        s = projections / energy if dual is None else projections @ dual
         gates = gate(s, beta, tau) if self.gated else s
         if self.window:
             opened = first_opening(gates, self.window)

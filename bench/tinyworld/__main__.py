@@ -11,8 +11,9 @@
 3. ``--runs`` independent runs (own concept renderings, training seed and sampling seeds), each measured on fixed
    seeds: fidelity (object-colour histogram intersection with the renderings) and text alignment (procedural checks
    of position, background, colour, size; two per prompt) per β; two concepts in one prompt (left/right, top/bottom)
-   with every gate at every token; transfer to the fine-tuned copy. Figures pool the runs' images and carry standard
-   errors; lock_gain has a bootstrap standard error and a verdict that must hold in every run.
+   with every gate at every token, also with joint gates (each gate read from the concepts' joint coordinates,
+   ``perfusion_ops.stack.ConceptStack``); transfer to the fine-tuned copy. Figures pool the runs' images and carry
+   standard errors; lock_gain has a bootstrap standard error and a verdict that must hold in every run.
 
 Run: .venv/bin/python -m bench.tinyworld --threads 2   (trains the world on first use; ``--quick``: smoke run;
 ``--no-first-opening``: without the concepts trained and applied with first-opening gates; ``--slot-context``: also
@@ -86,6 +87,7 @@ AUTOMATIC = "key-locked, automatic β"  # the gate Train Concept recommends (iss
 WINDOW = 32  # the tiny CLIP's context: every prompt is one window of the first-opening gate
 FIRST, FIRST_K = "key-locked, first-opening", "trained-K, first-opening"  # concepts with first-opening gates
 SLOT = "key-locked, trigger's slot only"  # variants.SlotContextHost
+JOINT = ", joint gates"  # the same concepts composed with joint gates (perfusion_ops.stack.ConceptStack)
 
 
 def trigger_prompts(trigger: str, count: int, seed: int) -> list[str]:
@@ -241,7 +243,7 @@ class Bench:
 
     def gate_tables(self, host: TinyWorldHost, applied: list[AppliedConcept], prompts: list[str]) -> list[dict]:
         """Per prompt and token: each concept's similarity s (Eq. 3) and gate g (first-opening where trained so)."""
-        stack = JointEdit(applied).shared.stack
+        stack = JointEdit(applied, joint_gates=host.joint_gates).shared.stack
         out = []
         for prompt in prompts:
             context, slots = host.context([prompt], [x.concept for x in applied])
@@ -341,6 +343,10 @@ class Bench:
         compositions = {"paper": self.composition(host, pair, refs, eval_seed, r, "paper", grids)}
         automatic = [AppliedConcept(trained[("locked", t)], g.beta_local, g.tau_local) for t, g in gates.items()]
         compositions["automatic β"] = self.composition(host, automatic, refs, eval_seed, r, "automatic β", grids)
+        joint = TinyWorldHost(host.unet, host.text, host.alphas_cumprod, joint_gates=True)
+        joint.guidance = host.guidance
+        compositions["paper" + JOINT] = self.composition(joint, pair, refs, eval_seed, r, "paper" + JOINT, grids,
+                                                         with_global=False)
         if a.first_opening:  # the gate kept where it first opens (stack.first_opening), in training and inference
             for name, trigger, trained_k in ((FIRST, "sks", False), (FIRST_K, "sks", True), (FIRST, "zwx", False)):
                 c0 = time.time()
@@ -351,8 +357,10 @@ class Bench:
             for name, lock in ((FIRST, "local"), (FIRST_K, "trained-k")):
                 point(name, a.beta, "base",
                       ev(host, "sks", applied=[AppliedConcept(trained[name, "sks"], a.beta, a.tau, lock)]))
-            compositions[FIRST] = self.composition(host, [AppliedConcept(trained[FIRST, t], a.beta, a.tau)
-                                                          for t in CONCEPTS], refs, eval_seed, r, FIRST, grids)
+            firsts = [AppliedConcept(trained[FIRST, t], a.beta, a.tau) for t in CONCEPTS]
+            compositions[FIRST] = self.composition(host, firsts, refs, eval_seed, r, FIRST, grids)
+            compositions[FIRST + JOINT] = self.composition(joint, firsts, refs, eval_seed, r, FIRST + JOINT, grids,
+                                                           with_global=False)
         if a.slot_context:  # each trigger confined to its own token (variants.py), in training and inference
             confined = SlotContextHost(host, {t: superclass for t, (_, superclass) in CONCEPTS.items()})
             for trigger, (_, superclass) in CONCEPTS.items():
@@ -389,10 +397,11 @@ class Bench:
         return choice
 
     def composition(self, host: TinyWorldHost, pair: list[AppliedConcept], refs: dict, seed: int, r: int, label: str,
-                    grids: list) -> dict:
-        """Two concepts in one prompt under the local and the global key lock; gates per token; attention by side."""
+                    grids: list, with_global: bool = True) -> dict:
+        """Two concepts in one prompt under the local key lock and (``with_global``) the global one; gates per token;
+        attention by side."""
         multi = {}
-        for mode, global_lock in (("local lock", False), ("global lock", True)):
+        for mode, global_lock in (("local lock", False), ("global lock", True))[: 1 + with_global]:
             m = self.composed(host, pair, refs, seed, global_lock)
             if r == 0:
                 grids.append((f"{label}: {mode}", m["samples"]))

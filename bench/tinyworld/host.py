@@ -25,10 +25,11 @@ from .text import Encoder
 
 
 class TinyWorldHost:
-    """TrainingHost (see ``perfusion_ops.training``) for a :class:`TinyUNet` and the world's text encoder."""
+    """TrainingHost (see ``perfusion_ops.training``) for a :class:`TinyUNet` and the world's text encoder;
+    ``joint_gates``: applied concepts gate on their joint coordinates (``perfusion_ops.stack.ConceptStack``)."""
 
-    def __init__(self, unet: TinyUNet, text: Encoder, alphas_cumprod: Tensor | None = None):
-        self.unet, self.text = unet.requires_grad_(False), text
+    def __init__(self, unet: TinyUNet, text: Encoder, alphas_cumprod: Tensor | None = None, joint_gates: bool = False):
+        self.unet, self.text, self.joint_gates = unet.requires_grad_(False), text, joint_gates
         self.layers = cross_attention_layers(unet)
         self.alphas_cumprod = cosine_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
         self.guidance = 3.0  # classifier-free guidance scale of :meth:`sample`
@@ -66,7 +67,7 @@ class TinyWorldHost:
         if not applied:
             yield None
             return
-        edit = JointEdit(applied)
+        edit = JointEdit(applied, joint_gates=self.joint_gates)
         with self.install({(l, p): edit.projection(l, p, self.project(l, p)) for l in self.layers for p in "kv"}):
             yield edit
 
