@@ -443,6 +443,8 @@ class Bench:
         settings = WorldSettings(encoder=a.encoder, threads=torch.get_num_threads(), seed=a.world_seed)
         if a.localise is not None:
             settings = replace(settings, localise=a.localise)
+        if a.typical:
+            settings = replace(settings, typical=a.typical)
         if a.quick:
             settings = replace(settings, captions=600, steps=40, finetune_steps=4, feature_steps=40, clip_steps=20,
                                clip_batch=64)
@@ -582,6 +584,9 @@ def parse(argv=None):
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--localise", type=float, default=None,
                    help=f"weight of the world's localisation loss (default {WorldSettings.localise}; 0: none)")
+    p.add_argument("--typical", type=float, default=0.0,
+                   help="a world whose shapes have typical colours: the probability that an unnamed colour is the "
+                        "shape's typical one (render.realise)")
     p.add_argument("--quick", action="store_true",
                    help="tiny world and evaluation (pipeline smoke run, numbers meaningless)")
     p.add_argument("--runs", type=int, default=3,

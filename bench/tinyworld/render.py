@@ -187,10 +187,16 @@ def random_spec(rng: random.Random, two_objects: float = 0.5, position_first: fl
     return spec, text
 
 
-def realise(spec: Spec, rng: random.Random) -> Scene:
-    """A scene matching ``spec``, each unnamed attribute drawn at random."""
+TYPICAL = {"circle": "red", "square": "blue", "triangle": "green", "diamond": "yellow"}  # see :func:`realise`
+
+
+def realise(spec: Spec, rng: random.Random, typical: float = 0.0) -> Scene:
+    """A scene matching ``spec``, each unnamed attribute drawn at random; an unnamed colour is the shape's
+    ``TYPICAL`` one with probability ``typical``, so that a shape word carries a colour as SD's nouns carry an
+    appearance (0: shape words carry none)."""
     fill = lambda value, choices: value if value is not None else rng.choice(list(choices))
-    things = tuple(Thing(shape, fill(colour, COLOURS), fill(texture, TEXTURES), fill(size, SIZES),
+    usual = lambda shape, colour: TYPICAL[shape] if colour is None and typical and rng.random() < typical else colour
+    things = tuple(Thing(shape, fill(usual(shape, colour), COLOURS), fill(texture, TEXTURES), fill(size, SIZES),
                          fill(position, POSITIONS))
                    for shape, colour, texture, size, position in spec.things)
     return Scene(things, fill(spec.background, BACKGROUNDS))

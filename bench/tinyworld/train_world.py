@@ -52,20 +52,22 @@ class WorldSettings:
     heads: int = 16  # head width: 2 heads at 16×16, 4 at 8×8 (one 32-wide head barely learned background)
     uncond: float = 0.1  # caption dropout (classifier-free guidance)
     localise: float = 0.1  # weight of the localisation loss (:func:`localisation_loss`); 0: none
+    typical: float = 0.0  # an unnamed colour is the shape's typical one with this probability (render.realise)
     finetune_steps: int = 400  # the second, fine-tuned world model (outlined objects)
     finetune_batch: int = 32
     finetune_lr: float = 1e-3
     feature_steps: int = 600
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = {k: v for k, v in asdict(self).items() if k != "typical" or v}  # at 0: the keys of earlier worlds
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 class Captions:
     """The caption pool, its encodings (fp16, variable length) and the empty caption's."""
 
-    def __init__(self, text: Encoder, count: int, seed: int, log=print):
-        rng = random.Random(seed)
+    def __init__(self, text: Encoder, count: int, seed: int, log=print, typical: float = 0.0):
+        rng, self.typical = random.Random(seed), typical
         pairs = [R.random_spec(rng) for _ in range(count)]
         self.specs, self.texts = [p[0] for p in pairs], [p[1] for p in pairs]
         self.encodings: list[torch.Tensor] = [None] * count  # type: ignore[list-item]
@@ -87,7 +89,7 @@ class Captions:
         """``(latents, context, objects)`` of n random captions, images realised and rendered afresh; ``objects``:
         for the two-object captions kept, ``(rows, token masks (K, L), own masks (K, 32, 32), other's masks)``."""
         idx = [rng.randrange(len(self.specs)) for _ in range(n)]
-        scenes = [R.realise(self.specs[k], rng) for k in idx]
+        scenes = [R.realise(self.specs[k], rng, self.typical) for k in idx]
         draw = np.random.default_rng(rng.randrange(2**31))
         images, masks = zip(*(R.render(scene, draw, outline=outline) for scene in scenes))
         dropped = [rng.random() < uncond for _ in idx]
@@ -231,7 +233,7 @@ def build_world(cache: Path, settings: WorldSettings = WorldSettings(), log=prin
     timings["text_encoder_s"] = time.time() - t0
     t = time.time()
     log(f"[tinyworld] encoding {settings.captions} captions with {text.name}")
-    captions = Captions(text, settings.captions, settings.seed, log)
+    captions = Captions(text, settings.captions, settings.seed, log, settings.typical)
     timings["captions_s"] = time.time() - t
 
     t = time.time()

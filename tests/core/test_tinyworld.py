@@ -47,6 +47,15 @@ def test_renderer_draws_what_the_caption_says_and_checks_read_it_back():
         assert all(c is None or c in text for c, *_ in [(t[1],) for t in spec.things])
 
 
+def test_a_world_with_typical_colours_gives_an_unnamed_colour_its_shapes():
+    spec = R.Spec((("circle", None, "plain", "large", "left"), ("square", "green", None, "large", "right")), None)
+    colours = lambda typical: [R.realise(spec, random.Random(n), typical).things for n in range(40)]
+    always, never = colours(1.0), colours(0.0)
+    assert {t[0].colour for t in always} == {R.TYPICAL["circle"]} and {t[1].colour for t in always} == {"green"}
+    assert len({t[0].colour for t in never}) > 3
+    assert 10 < sum(t[0].colour == "red" for t in colours(0.5)) < 35
+
+
 def test_unet_has_sd_structure_and_masks_padding():
     unet = TinyUNet(16, 32, context_dim=24, heads=16).eval()
     layers = cross_attention_layers(unet)
