@@ -3,7 +3,9 @@
 1. The world (``bench/tinyworld/``): procedural 32×32 scenes with captions; a tiny CLIP (causal text tower, image
    CNN) trained contrastively on them and frozen; a 0.97M-parameter v-prediction UNet with SD1.5's block structure
    conditioned on the CLIP's last hidden states, taught (``--localise``) that an object's words are attended on its
-   own pixels; a fine-tuned copy in another style (outlined objects); a feature net. Trained once, cached.
+   own pixels; shapes have typical colours (``--typical``: a shape word carries an appearance when the caption names
+   no colour, as SD's nouns do); a fine-tuned copy in another style (outlined objects); a feature net. Trained
+   once, cached.
    ``--encoder minilm`` builds the earlier world on the pretrained all-MiniLM-L6-v2.
 2. Two personal concepts the world never saw (novel colours teal / pink with a texture), trained with the project's
    own Perfusion loop (``perfusion_ops.training``) through ``bench/tinyworld/host.py``: key-locked (the paper),
@@ -443,7 +445,7 @@ class Bench:
         settings = WorldSettings(encoder=a.encoder, threads=torch.get_num_threads(), seed=a.world_seed)
         if a.localise is not None:
             settings = replace(settings, localise=a.localise)
-        if a.typical:
+        if a.typical is not None:
             settings = replace(settings, typical=a.typical)
         if a.quick:
             settings = replace(settings, captions=600, steps=40, finetune_steps=4, feature_steps=40, clip_steps=20,
@@ -584,9 +586,9 @@ def parse(argv=None):
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--localise", type=float, default=None,
                    help=f"weight of the world's localisation loss (default {WorldSettings.localise}; 0: none)")
-    p.add_argument("--typical", type=float, default=0.0,
-                   help="a world whose shapes have typical colours: the probability that an unnamed colour is the "
-                        "shape's typical one (render.realise)")
+    p.add_argument("--typical", type=float, default=None,
+                   help="the probability that a colour the caption leaves out is the shape's typical one "
+                        "(render.realise; default 0.8; 0: shape words carry no colour, the earlier world)")
     p.add_argument("--quick", action="store_true",
                    help="tiny world and evaluation (pipeline smoke run, numbers meaningless)")
     p.add_argument("--runs", type=int, default=3,
