@@ -5,8 +5,8 @@ A scene is one object (size, colour, texture, shape, position, background) or tw
 and bottom: the world's "S1 on S2").
 Captions use the core's neutral templates (App. G) around a description; any attribute may be left out of the
 caption, and is then drawn at random, so "a photo of a square" means "some square" (an unnamed colour mostly the
-shape's typical one: :func:`realise`). A position is said after its
-object ("a red square on the left") or before it ("on the left a photo of a red square"). Under a causal text
+shape's typical one: :func:`realise`). A position is said after its object ("a red square on the left") or before
+it ("on the left a photo of a red square"). Under a causal text
 encoder only the second order puts "where" into the object's own word, as attributes before a noun reach the noun
 in CLIP: it is what lets an object's word be attended in its own place (``__main__.py`` measures both orders).
 """
