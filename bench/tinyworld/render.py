@@ -6,9 +6,9 @@ and bottom: the world's "S1 on S2").
 Captions use the core's neutral templates (App. G) around a description; any attribute may be left out of the
 caption, and is then drawn at random, so "a photo of a square" means "some square" (an unnamed colour mostly the
 shape's typical one: :func:`realise`). A position is said after its object ("a red square on the left") or before
-it ("on the left a photo of a red square"). Under a causal text
-encoder only the second order puts "where" into the object's own word, as attributes before a noun reach the noun
-in CLIP: it is what lets an object's word be attended in its own place (``__main__.py`` measures both orders).
+it ("on the left a photo of a red square"). Under a causal text encoder only the second order puts "where" into the
+object's own word, as attributes before a noun reach the noun in CLIP: it is what lets an object's word be attended
+in its own place (``__main__.py`` measures both orders).
 """
 from __future__ import annotations
 
@@ -196,6 +196,7 @@ def realise(spec: Spec, rng: random.Random, typical: float = 0.0) -> Scene:
     ``TYPICAL`` one with probability ``typical``, so that a shape word carries a colour as SD's nouns carry an
     appearance (0: shape words carry none)."""
     fill = lambda value, choices: value if value is not None else rng.choice(list(choices))
+    # no draw at typical 0, so the worlds built before it see the same random stream
     usual = lambda shape, colour: TYPICAL[shape] if colour is None and typical and rng.random() < typical else colour
     things = tuple(Thing(shape, fill(usual(shape, colour), COLOURS), fill(texture, TEXTURES), fill(size, SIZES),
                          fill(position, POSITIONS))
